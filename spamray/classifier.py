@@ -1,0 +1,212 @@
+"""A GPT-2 whose language-model head is replaced by a small classification head (chapter 6).
+
+`TextClassifier` owns the whole path from text to labels: tokenize, truncate, bucket by length,
+pad each batch to its own longest row, run the model under inference mode, pool, softmax. The
+Ray scoring replicas call the same `score_token_ids` that `predict` calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import saved
+from .lora import add_lora, merge_lora
+from .model import GPTConfig, GPTModel
+from .tokenizer import get_tokenizer
+
+POOLINGS = ("last_token", "last", "mean")
+TRAINABLE_POLICIES = ("head", "last_block", "last_n_blocks:K", "all", "lora:RANK")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    label_id: int
+    probs: dict[str, float]
+
+
+class TextClassifier(nn.Module):
+    def __init__(self, gpt: GPTModel, labels: Sequence[str], pooling: str = "last_token", max_length: int | None = None):
+        super().__init__()
+        labels = [str(label) for label in labels]
+        if len(labels) < 2 or len(set(labels)) != len(labels):
+            raise ValueError(f"a classifier needs at least two distinct labels, got {labels}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+        max_length = max_length or gpt.cfg.context_length
+        if not 1 <= max_length <= gpt.cfg.context_length:
+            raise ValueError(f"max_length {max_length} must be between 1 and the context length {gpt.cfg.context_length}")
+        if gpt.out_head.out_features != len(labels):
+            gpt.out_head = nn.Linear(gpt.cfg.emb_dim, len(labels))
+        self.gpt = gpt
+        self.labels = labels
+        self.pooling = pooling
+        self.max_length = max_length
+        self.metrics: dict = {}
+        self.trainable = "all"
+
+    @classmethod
+    def from_gpt2(cls, model: GPTModel, labels: Sequence[str], pooling: str = "last_token",
+                  trainable: str = "last_block", max_length: int | None = None) -> "TextClassifier":
+        """Takes over `model` (its LM head is replaced in place) and sets what will train."""
+        classifier = cls(model, labels, pooling=pooling, max_length=max_length)
+        classifier.set_trainable(trainable)
+        return classifier
+
+    @property
+    def cfg(self) -> GPTConfig:
+        return self.gpt.cfg
+
+    # -- training policy ------------------------------------------------------------------
+    def set_trainable(self, policy: str) -> None:
+        """Freezes everything, then unfreezes what `policy` names (see TRAINABLE_POLICIES)."""
+        kind, _, argument = policy.partition(":")
+        gpt = self.gpt
+        if kind == "all" and not argument:
+            self.requires_grad_(True)
+            self.trainable = policy
+            return
+        self.requires_grad_(False)
+        gpt.out_head.requires_grad_(True)
+        if kind == "head" and not argument:
+            pass
+        elif kind == "last_block" and not argument:
+            gpt.trf_blocks[-1].requires_grad_(True)
+            gpt.final_norm.requires_grad_(True)
+        elif kind == "last_n_blocks" and argument.isdigit() and 1 <= int(argument) <= len(gpt.trf_blocks):
+            for block in gpt.trf_blocks[-int(argument):]:
+                block.requires_grad_(True)
+            gpt.final_norm.requires_grad_(True)
+        elif kind == "lora" and argument.isdigit() and int(argument) >= 1:
+            add_lora(gpt.trf_blocks, rank=int(argument))  # new LoRA matrices are trainable
+        else:
+            raise ValueError(
+                f"unknown trainable policy {policy!r}; choose one of {', '.join(TRAINABLE_POLICIES)} "
+                f"(K from 1 to {len(gpt.trf_blocks)})"
+            )
+        self.trainable = policy
+
+    # -- the forward pass -----------------------------------------------------------------
+    def forward(self, token_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Class logits [B, num_labels] of right-padded token ids [B, T] with true `lengths` [B]."""
+        batch, tokens = token_ids.shape
+        if lengths is None:
+            lengths = torch.full((batch,), tokens, dtype=torch.long, device=token_ids.device)
+        if self.pooling == "mean":
+            hidden = self.gpt.hidden_states(token_ids)
+            mask = (torch.arange(tokens, device=token_ids.device) < lengths[:, None]).unsqueeze(-1)
+            pooled = (hidden * mask).sum(dim=1) / lengths.clamp(min=1)[:, None].to(hidden.dtype)
+        else:
+            # `last` reads the final position, padding or not (the book); `last_token` the last real token.
+            positions = torch.full_like(lengths, tokens - 1) if self.pooling == "last" else lengths - 1
+            pooled = self.gpt.hidden_states(token_ids, query_positions=positions)[:, 0]
+        return self.gpt.out_head(pooled)
+
+    # -- scoring --------------------------------------------------------------------------
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids cut to `max_length`; an empty text is an error, since nothing can be classified."""
+        batch = get_tokenizer().encode_batch(texts, max_length=self.max_length)
+        for index, ids in enumerate(batch):
+            if not ids:
+                raise ValueError(f"text at index {index} is empty: there is nothing to classify")
+        return batch
+
+    @torch.inference_mode()
+    def score_token_ids(self, batch: Sequence[Sequence[int]], max_batch_tokens: int = 8192,
+                        max_batch_rows: int = 64) -> np.ndarray:
+        """Class probabilities [N, num_labels] for token id lists (each 1..max_length long).
+
+        Rows are grouped by length so each model batch pads only to its own longest row; the
+        result comes back in input order. With `last_token` pooling no row's result depends on
+        what else is in the batch.
+        """
+        if self.training:
+            raise RuntimeError("call .eval() before scoring: dropout is on")
+        device = next(self.parameters()).device
+        probs = np.empty((len(batch), len(self.labels)), dtype=np.float32)
+        for rows in length_buckets([len(ids) for ids in batch], max_batch_tokens, max_batch_rows):
+            token_ids, lengths = pad_rows([batch[row] for row in rows], self.max_length)
+            logits = self(torch.from_numpy(token_ids).to(device), torch.from_numpy(lengths).to(device))
+            probs[rows] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        return probs
+
+    def predict(self, texts: Sequence[str]) -> list[Prediction]:
+        """Label and class probabilities for each text (texts longer than max_length are truncated)."""
+        was_training = self.training
+        self.eval()
+        try:
+            probs = self.score_token_ids(self.encode(texts))
+        finally:
+            self.train(was_training)
+        return [self.prediction(row) for row in probs]
+
+    def prediction(self, probs: np.ndarray) -> Prediction:
+        label_id = int(probs.argmax())
+        return Prediction(self.labels[label_id], label_id, dict(zip(self.labels, map(float, probs))))
+
+    # -- saving ---------------------------------------------------------------------------
+    def save(self, url: str, overwrite: bool = False, extra_files: dict[str, bytes] | None = None) -> None:
+        """Writes the classifier folder (see spamray.saved); LoRA updates are merged first."""
+        merge_lora(self.gpt)
+        metadata = {
+            "model_config": self.cfg.to_dict(),
+            "labels": self.labels,
+            "pooling": self.pooling,
+            "max_length": self.max_length,
+            "trainable": self.trainable,
+            "metrics": self.metrics,
+        }
+        saved.write_saved(url, metadata, self.state_dict(), overwrite=overwrite, extra_files=extra_files)
+
+    @classmethod
+    def load(cls, url: str) -> "TextClassifier":
+        metadata = saved.read_metadata(url)
+        try:
+            cfg = GPTConfig.from_dict(metadata["model_config"])
+            with torch.device("meta"):
+                skeleton = cls(GPTModel(cfg), metadata["labels"], metadata["pooling"], metadata["max_length"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise saved.SavedClassifierError(f"{url}: {saved.METADATA_FILE} does not describe a valid classifier ({error})") from error
+        expected = {name: (tuple(t.shape), t.dtype) for name, t in skeleton.state_dict().items()}
+        metadata, tensors = saved.read_saved(url, expected)
+        classifier = cls(GPTModel(cfg), metadata["labels"], metadata["pooling"], metadata["max_length"])
+        classifier.load_state_dict(tensors, strict=True)
+        classifier.metrics = metadata.get("metrics", {})
+        classifier.trainable = metadata.get("trainable", "all")
+        classifier.version = metadata["weights"]["sha256"][:16]
+        return classifier.eval()
+
+    def fingerprint(self) -> str:
+        """A short hash of the weights and settings: names the model version in outputs."""
+        digest = hashlib.sha256(json.dumps([self.cfg.to_dict(), self.labels, self.pooling, self.max_length]).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+def length_buckets(lengths: Sequence[int], max_batch_tokens: int, max_batch_rows: int) -> Iterator[np.ndarray]:
+    """Row indices grouped by similar length, each group padded size within the token budget."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    start = 0
+    while start < len(order):
+        end = start + 1
+        # Sorted ascending, so the padded size of order[start:end+1] is (rows) x lengths[order[end]].
+        while end < len(order) and end - start < max_batch_rows and (end - start + 1) * lengths[order[end]] <= max_batch_tokens:
+            end += 1
+        yield order[start:end]
+        start = end
+
+
+def pad_rows(rows: Sequence[Sequence[int]], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    for ids in rows:
+        if not 1 <= len(ids) <= max_length:
+            raise ValueError(f"a row has {len(ids)} tokens; each must have 1 to {max_length} (encode() truncates)")
+    return get_tokenizer().pad(rows)

@@ -40,3 +40,23 @@ def gpt2_small_hf_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hf-gpt2-small")
     model = write_hf_checkpoint(folder, n_embd=768, n_layer=12, n_head=12, seed=1)
     return folder, model
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (starting Ray costs seconds), shut down at the end."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prepared_sms(tmp_path_factory) -> str:
+    from spamray.config import PrepareConfig
+    from spamray.prepare import prepare
+
+    folder = tmp_path_factory.mktemp("prepared") / "sms"
+    prepare(PrepareConfig(output=str(folder)), log=lambda *_: None)
+    return str(folder)

@@ -1,0 +1,117 @@
+"""Every job's settings as a typed dataclass with the book's defaults.
+
+The CLI (`spamray <verb>`) builds its options from these fields and their `help`, and the
+`jobs/` entrypoints go through that same CLI, so each setting is defined exactly once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def option(default, help: str, **extra):
+    """A dataclass field that carries its CLI help (and, optionally, choices or a short flag)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+def required(help: str, **extra):
+    return field(metadata={"help": help, "required": True, **extra})
+
+
+@dataclass
+class PrepareConfig:
+    output: str = required("folder or URL for train/validation/test Parquet and labels.json")
+    input: str = option("sms", "'sms' (the shipped SMS Spam Collection), 'uci' (download the UCI zip), "
+                        "or a TSV/CSV/Parquet file at a path or fsspec URL")
+    text_column: str = option("text", "column holding the message text (files with a header)")
+    label_column: str = option("label", "column holding the label (files with a header)")
+    labels: str | None = option(None, "comma-separated label order; default: ham,spam as 'not spam','spam', "
+                                "else the labels sorted")
+    balance: str = option("undersample", "undersample each class to the smallest (the book) or none",
+                          choices=["undersample", "none"])
+    train_fraction: float = option(0.7, "share of rows for training")
+    validation_fraction: float = option(0.1, "share of rows for validation; the rest is test")
+    seed: int = option(123, "random_state for undersampling and shuffling (the book's 123)")
+    skip_bad_rows: bool = option(False, "drop rows with empty text or an unknown label (each reported) "
+                                 "instead of failing")
+    overwrite: bool = option(False, "replace an existing output folder")
+
+
+@dataclass
+class TrainConfig:
+    data: str = required("prepared folder (from `spamray prepare`) or URL")
+    output: str = required("folder or URL for the saved classifier, its metrics and plots")
+    weights: str = option("gpt2", "gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded once), a Hugging Face "
+                          "checkpoint folder/URL, or 'random'")
+    preset: str | None = option(None, "architecture for --weights random, or a check on a checkpoint "
+                                "(gpt2-small/medium/large/xl, gpt2-mini, gpt2-tiny)")
+    trainable: str = option("last_block", "head, last_block (the book), last_n_blocks:K, all, lora:RANK")
+    pooling: str = option("last_token", "last_token (last non-padding token), last (last position, the "
+                          "book), mean", choices=["last_token", "last", "mean"])
+    padding: str = option("batch", "pad each batch to its longest message (batch) or every batch to the "
+                          "longest training message (longest, the book)", choices=["batch", "longest"])
+    max_length: int | None = option(None, "truncate messages to this many tokens (default: the context length)")
+    drop_rate: float = option(0.0, "dropout while fine-tuning")
+    learning_rate: float = option(5e-5, "AdamW learning rate")
+    weight_decay: float = option(0.1, "AdamW weight decay")
+    epochs: int = option(5, "passes over the training split")
+    batch_size: int = option(8, "messages per optimizer step on each worker")
+    eval_freq: int = option(50, "evaluate train/validation loss every this many steps")
+    eval_iter: int = option(5, "batches per loss/accuracy estimate during training")
+    seed: int = option(123, "torch seed")
+    num_workers: int = option(1, "Ray Train workers (one GPU each when --use-gpu)")
+    use_gpu: bool | None = option(None, "one GPU per worker; default: when the cluster has GPUs")
+    cpus_per_worker: int = option(2, "CPUs (and torch threads) per worker")
+    storage_path: str | None = option(None, "where Ray Train keeps checkpoints; on more than one node a "
+                                      "shared URL or NFS path (default: ~/ray_results)")
+    run_name: str | None = option(None, "Ray Train run name: start again with the same name and storage "
+                                  "path to resume (default: derived from these settings)")
+    max_failures: int = option(1, "worker failures to recover from (from the last checkpoint)")
+    fail_once_at_step: int | None = option(None, "fault drill: a worker raises once at this global step, "
+                                           "to exercise recovery from checkpoints")
+    overwrite: bool = option(False, "replace an existing output folder")
+
+
+@dataclass
+class EvaluateConfig:
+    model: str = required("saved classifier folder or URL", positional=True)
+    data: str = required("prepared split (Parquet), a prepared folder's split name is taken from --split, or "
+                         "a labelled TSV/CSV/Parquet file", positional=True)
+    split: str = option("test", "split to evaluate when DATA is a prepared folder")
+    text_column: str = option("text", "text column of a labelled file")
+    label_column: str = option("label", "label column of a labelled file (label names or ids)")
+
+
+@dataclass
+class ClassifyConfig:
+    model: str = required("saved classifier folder or URL", positional=True)
+    texts: list[str] = required("messages to classify; '-' reads one message a line from stdin",
+                                positional=True, nargs="+")
+
+
+@dataclass
+class ScoreConfig:
+    model: str = required("saved classifier folder or URL")
+    input: str = required("Parquet/CSV file, folder or glob, local or any fsspec URL")
+    output: str = required("output folder or URL for Parquet predictions")
+    text_column: str = option("text", "column holding the message text")
+    id_column: str | None = option(None, "column that identifies a message (carried through)")
+    keep: list[str] = option([], "more input columns to carry into the output", nargs="*")
+    incremental: bool = option(False, "score only input files that are new or changed since the last run")
+    overwrite: bool = option(False, "replace earlier output (non-incremental runs only)")
+    replicas: int = option(1, "model replicas (actors); one GPU each when GPUs exist")
+    cpus_per_replica: int = option(2, "CPUs (and torch threads) per model replica")
+    batch_size: int = option(256, "rows per Ray Data batch sent to a replica")
+    read_batch_rows: int = option(65536, "rows per block when reading a file")
+    fail_once_at_batch: int | None = option(None, "fault drill: a replica dies once at this batch")
+
+
+@dataclass
+class DemoConfig:
+    workdir: str = option("runs/demo", "folder for the prepared data, the model and the predictions")
+    preset: str = option("gpt2-mini", "architecture trained from random weights (no download needed)")
+    epochs: int = option(5, "passes over the training split")
+    learning_rate: float = option(5e-4, "AdamW learning rate (higher than the book's: random weights)")
+    num_workers: int = option(1, "Ray Train workers")

@@ -1,0 +1,204 @@
+"""Data preparation, the book's way: read labelled messages, map labels to ids, balance, split.
+
+Book procedure (chapter 6): `ham` undersampled to the 747 `spam` messages with
+random_state=123, the balanced frame shuffled with random_state=123, then sliced 70/10/20.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import tempfile
+import zipfile
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+
+from . import storage
+from .config import PrepareConfig
+
+UCI_ZIP_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
+SMS_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
+SPLITS = ("train", "validation", "test")
+LABELS_FILE = "labels.json"
+# The SMS collection's labels read better as a classifier's answers.
+SMS_LABEL_NAMES = {"ham": "not spam", "spam": "spam"}
+
+
+# -- reading ---------------------------------------------------------------------------------
+def read_sms_collection(data: bytes, where: str) -> pd.DataFrame:
+    """The SMS Spam Collection's `label<TAB>text` lines; quoting off, so all 5,574 rows come through."""
+    frame = pd.read_csv(io.BytesIO(data), sep="\t", header=None, names=["label", "text"], dtype=str,
+                        quoting=csv.QUOTE_NONE, keep_default_na=False, encoding="utf-8")
+    if frame.empty:
+        raise ValueError(f"{where} has no messages")
+    return frame
+
+
+def shipped_sms_collection() -> pd.DataFrame:
+    data = (resources.files("spamray") / "data" / "SMSSpamCollection").read_bytes()
+    return read_sms_collection(data, "the shipped SMSSpamCollection")
+
+
+def download_uci_collection(url: str = UCI_ZIP_URL) -> pd.DataFrame:
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(storage.read_bytes(url)))
+        data = archive.read("SMSSpamCollection")
+    except Exception as error:
+        raise RuntimeError(f"could not download the SMS Spam Collection from {url} ({error}); "
+                           "use --input sms for the copy shipped with spamray") from error
+    if hashlib.sha256(data).hexdigest() != SMS_SHA256:
+        raise ValueError(f"SMSSpamCollection from {url} does not have the expected sha256 {SMS_SHA256}")
+    return read_sms_collection(data, url)
+
+
+def read_table(url: str, columns: list[str]) -> pd.DataFrame:
+    """A labelled TSV/CSV/Parquet file with a header, as strings; every named column must exist."""
+    name = url.rstrip("/").rsplit("/", 1)[-1].lower()
+    if not storage.exists(url):
+        raise FileNotFoundError(f"{url} does not exist")
+    try:
+        if name.endswith((".parquet", ".pq")):
+            frame = pd.read_parquet(url)
+        else:
+            sep = "," if name.endswith(".csv") else "\t"
+            with storage.url_to_fs(url)[0].open(storage.url_to_fs(url)[1], "rb") as handle:
+                frame = pd.read_csv(handle, sep=sep, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{url} is empty: expected a header line and at least one row") from None
+    missing = [column for column in columns if column not in frame.columns]
+    if missing:
+        raise ValueError(f"{url} has no column {missing[0]!r}; its columns are {list(frame.columns)}. "
+                         "Name the right ones with --text-column / --label-column.")
+    if frame.empty:
+        raise ValueError(f"{url} has a header but no rows")
+    return frame[columns].rename(columns={columns[0]: "text", columns[1]: "label"})
+
+
+def read_labelled(source: str, text_column: str = "text", label_column: str = "label") -> pd.DataFrame:
+    """Columns `text`, `label` (as in the file) and `source_row` (1-based data row number)."""
+    if source == "sms":
+        frame = shipped_sms_collection()
+    elif source == "uci":
+        frame = download_uci_collection()
+    elif source.rstrip("/").endswith("SMSSpamCollection"):
+        frame = read_sms_collection(storage.read_bytes(source), source)
+    else:
+        frame = read_table(source, [text_column, label_column])
+    frame = frame.reset_index(drop=True)
+    frame["text"] = frame["text"].astype(object)
+    frame["label"] = frame["label"].astype(str)
+    frame["source_row"] = range(1, len(frame) + 1)
+    return frame[["text", "label", "source_row"]]
+
+
+# -- labels ----------------------------------------------------------------------------------
+def label_order(raw_labels: pd.Series, labels_option: str | None) -> tuple[list[str], list[str]]:
+    """(values as they appear in the file, in id order; the label names a classifier reports)."""
+    if labels_option:
+        values = [value.strip() for value in labels_option.split(",") if value.strip()]
+        return values, values
+    present = set(raw_labels)
+    if present == set(SMS_LABEL_NAMES):
+        return list(SMS_LABEL_NAMES), list(SMS_LABEL_NAMES.values())
+    values = sorted(present)
+    return values, values
+
+
+def bad_rows(frame: pd.DataFrame, values: list[str]) -> pd.Series:
+    """Reasons keyed by row for rows that cannot be used: empty text or a label outside `values`."""
+    reasons = pd.Series("", index=frame.index)
+    empty = frame["text"].map(lambda text: not isinstance(text, str) or not text.strip())
+    reasons[empty] = "empty text"
+    unknown = ~frame["label"].isin(values)
+    reasons[unknown] = "unknown label " + frame.loc[unknown, "label"].map(repr)
+    return reasons[reasons != ""]
+
+
+def describe_rows(frame: pd.DataFrame, reasons: pd.Series, limit: int = 10) -> str:
+    shown = [f"row {frame.at[index, 'source_row']}: {reason}" for index, reason in reasons.head(limit).items()]
+    more = f" and {len(reasons) - limit} more" if len(reasons) > limit else ""
+    return "; ".join(shown) + more
+
+
+# -- the book's procedure --------------------------------------------------------------------
+def balance(frame: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Each class sampled down to the size of the smallest (the smallest kept as it is), in id order."""
+    smallest = frame["label"].value_counts().min()
+    parts = []
+    for label_id in sorted(frame["label"].unique()):
+        members = frame[frame["label"] == label_id]
+        parts.append(members if len(members) == smallest else members.sample(smallest, random_state=seed))
+    return pd.concat(parts)
+
+
+def split(frame: pd.DataFrame, train_fraction: float, validation_fraction: float, seed: int) -> dict[str, pd.DataFrame]:
+    shuffled = frame.sample(frac=1, random_state=seed).reset_index(drop=True)
+    train_end = int(len(shuffled) * train_fraction)
+    validation_end = train_end + int(len(shuffled) * validation_fraction)
+    return {"train": shuffled[:train_end], "validation": shuffled[train_end:validation_end], "test": shuffled[validation_end:]}
+
+
+def prepare(cfg: PrepareConfig, log=print) -> dict:
+    """Reads, checks, balances and splits `cfg.input`; writes the splits; returns the counts."""
+    if not (0 < cfg.train_fraction and 0 <= cfg.validation_fraction and cfg.train_fraction + cfg.validation_fraction < 1):
+        raise ValueError("need 0 < train_fraction, 0 <= validation_fraction and their sum below 1 (the rest is test)")
+    frame = read_labelled(cfg.input, cfg.text_column, cfg.label_column)
+    values, names = label_order(frame["label"], cfg.labels)
+    problems = bad_rows(frame, values)
+    if len(problems) and not cfg.skip_bad_rows:
+        raise ValueError(f"{cfg.input}: {len(problems)} rows cannot be used ({describe_rows(frame, problems)}). "
+                         "Fix them, name the labels with --labels, or pass --skip-bad-rows to drop them.")
+    if len(problems):
+        log(f"dropped {len(problems)} rows: {describe_rows(frame, problems, limit=len(problems))}")
+        frame = frame.drop(index=problems.index)
+    frame = frame.assign(label=frame["label"].map({value: i for i, value in enumerate(values)}).astype("int64"))
+    if cfg.balance == "undersample":
+        frame = balance(frame, cfg.seed)
+    splits = split(frame, cfg.train_fraction, cfg.validation_fraction, cfg.seed)
+    counts = {name: {names[i]: int((part["label"] == i).sum()) for i in range(len(names))} for name, part in splits.items()}
+    for name, per_class in counts.items():
+        missing = [label for label, count in per_class.items() if count == 0]
+        if missing:
+            raise ValueError(f"the {name} split has no {missing} messages ({per_class}); a classifier cannot be "
+                             "trained or judged on it. Provide more rows of each class.")
+    write_prepared(cfg, splits, names, values, counts)
+    log(format_counts(counts))
+    log(f"prepared data written to {cfg.output}")
+    return counts
+
+
+def write_prepared(cfg: PrepareConfig, splits: dict[str, pd.DataFrame], names: list[str], values: list[str], counts: dict) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, part in splits.items():
+            part = part.assign(label_name=part["label"].map(dict(enumerate(names))))
+            part[["text", "label", "label_name", "source_row"]].to_parquet(Path(scratch) / f"{name}.parquet", index=False)
+        record = {"labels": names, "label_values": values, "counts": counts, "input": cfg.input,
+                  "balance": cfg.balance, "seed": cfg.seed}
+        (Path(scratch) / LABELS_FILE).write_text(json.dumps(record, indent=2))
+        storage.publish_folder(Path(scratch), cfg.output, commit_file=LABELS_FILE, overwrite=cfg.overwrite)
+
+
+def format_counts(counts: dict[str, dict[str, int]]) -> str:
+    labels = list(next(iter(counts.values())))
+    lines = [f"{'split':<12}" + "".join(f"{label:>10}" for label in labels) + f"{'total':>10}"]
+    for name, per_class in counts.items():
+        lines.append(f"{name:<12}" + "".join(f"{per_class[label]:>10}" for label in labels) + f"{sum(per_class.values()):>10}")
+    return "\n".join(lines)
+
+
+# -- reading prepared data -------------------------------------------------------------------
+def read_prepared_labels(data: str) -> list[str]:
+    url = storage.join(data, LABELS_FILE)
+    if not storage.exists(url):
+        raise FileNotFoundError(f"{data} is not a prepared folder: it has no {LABELS_FILE} (run `spamray prepare`)")
+    return json.loads(storage.read_bytes(url))["labels"]
+
+
+def split_url(data: str, split_name: str) -> str:
+    if split_name not in SPLITS:
+        raise ValueError(f"unknown split {split_name!r}; choose one of {', '.join(SPLITS)}")
+    return storage.join(data, f"{split_name}.parquet")

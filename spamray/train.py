@@ -1,0 +1,245 @@
+"""Fine-tuning on Ray Train: the book's training loop (chapter 6) run by a `TorchTrainer`.
+
+Data flow: prepared Parquet splits -> Ray Data datasets -> each worker's shard ->
+`iter_torch_batches` with a collate that tokenizes and pads -> a DDP-wrapped TextClassifier ->
+per-epoch metrics and a checkpoint through `ray.train.report` -> on the driver, the final
+classifier is evaluated on every split and saved with its metrics and the book's two plots.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import tempfile
+from collections import deque
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import storage
+from .classifier import TextClassifier
+from .config import TrainConfig
+from .evaluate import accuracy_by_split
+from .model import count_parameters
+from .plots import plot_history
+from .prepare import read_prepared_labels, split_url
+from .tokenizer import get_tokenizer
+from .weights import load_gpt2
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "train_state.pt"
+
+
+def build_classifier(cfg: TrainConfig, labels: list[str]) -> TextClassifier:
+    gpt = load_gpt2(cfg.weights, cfg.preset)
+    if cfg.drop_rate:
+        for module in gpt.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = cfg.drop_rate
+        for block in gpt.trf_blocks:
+            block.att.drop_rate = cfg.drop_rate
+    return TextClassifier.from_gpt2(gpt, labels, pooling=cfg.pooling, trainable=cfg.trainable, max_length=cfg.max_length)
+
+
+def make_collate(max_length: int, pad_to: int | None):
+    """Tokenizes and right-pads a batch of {"text", "label"} to (ids, lengths, labels) tensors."""
+    def collate(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = get_tokenizer().encode_batch(list(batch["text"]), max_length=max_length)
+        ids, lengths = get_tokenizer().pad(rows, length=pad_to)
+        return torch.from_numpy(ids), torch.from_numpy(lengths), torch.as_tensor(batch["label"], dtype=torch.long)
+    return collate
+
+
+def batch_loss(model, batch, device) -> tuple[torch.Tensor, int]:
+    ids, lengths, labels = (t.to(device) for t in batch)
+    logits = model(ids, lengths)
+    correct = int((logits.argmax(dim=-1) == labels).sum())
+    return torch.nn.functional.cross_entropy(logits, labels), correct
+
+
+@torch.no_grad()
+def estimate(model, batches, device) -> tuple[float, float]:
+    """Mean loss and accuracy over a few batches, in eval mode (the book's calc_*_loader)."""
+    model.eval()
+    losses, correct, seen = [], 0, 0
+    for batch in batches:
+        loss, right = batch_loss(model, batch, device)
+        losses.append(loss.item())
+        correct += right
+        seen += len(batch[2])
+    model.train()
+    return float(np.mean(losses)) if losses else float("nan"), correct / max(seen, 1)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig(**config["train"])
+    labels, pad_to, fault_marker = config["labels"], config["pad_to"], config["fault_marker"]
+    context = ray.train.get_context()
+    torch.set_num_threads(cfg.cpus_per_worker)
+    torch.manual_seed(cfg.seed)
+    classifier = build_classifier(cfg, labels)
+    state = {"epoch": 0, "global_step": -1, "examples_seen": 0, "resumed_from_epoch": 0,
+             "history": {"train_losses": [], "val_losses": [], "examples_seen": [], "train_accs": [], "val_accs": []}}
+    checkpoint = ray.train.get_checkpoint()
+    saved_optimizer = None
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            classifier.load_state_dict(load_file(Path(folder) / MODEL_FILE))
+            saved = torch.load(Path(folder) / STATE_FILE, weights_only=True)
+        saved_optimizer = saved.pop("optimizer")
+        state = {**saved, "resumed_from_epoch": saved["epoch"]}
+
+    model = ray.train.torch.prepare_model(classifier)
+    device = ray.train.torch.get_device()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if saved_optimizer:
+        optimizer.load_state_dict(saved_optimizer)
+
+    collate = make_collate(classifier.max_length, pad_to)
+    train_shard = ray.train.get_dataset_shard("train")
+    validation = ray.train.get_dataset_shard("validation")
+    world = context.get_world_size()
+    history = state["history"]
+
+    # The book estimates validation loss on the first eval_iter batches: read them once.
+    validation_batches = list(itertools.islice(
+        validation.iter_torch_batches(batch_size=cfg.batch_size, collate_fn=collate, device="cpu"), cfg.eval_iter))
+
+    recent = deque(maxlen=cfg.eval_iter)  # the latest training batches, to estimate train loss
+    for epoch in range(state["epoch"], cfg.epochs):
+        model.train()
+        batches = train_shard.iter_torch_batches(batch_size=cfg.batch_size, collate_fn=collate, device="cpu",
+                                                 drop_last=True, local_shuffle_buffer_size=4096,
+                                                 local_shuffle_seed=cfg.seed + epoch)
+        for batch in batches:
+            optimizer.zero_grad()
+            loss, _ = batch_loss(model, batch, device)
+            loss.backward()
+            optimizer.step()
+            recent.append(batch)
+            state["examples_seen"] += len(batch[2]) * world
+            state["global_step"] += 1
+            if cfg.fail_once_at_step == state["global_step"] and context.get_world_rank() == 0 \
+                    and not storage.exists(fault_marker):
+                storage.write_bytes(fault_marker, b"failed once on purpose\n")
+                raise RuntimeError(f"fault drill: failing once at global step {state['global_step']}")
+            if state["global_step"] % cfg.eval_freq == 0:
+                history["train_losses"].append(estimate(model, recent, device)[0])
+                history["val_losses"].append(estimate(model, validation_batches, device)[0])
+                history["examples_seen"].append(state["examples_seen"])
+        train_loss, train_acc = estimate(model, recent, device)
+        val_loss, val_acc = estimate(model, validation_batches, device)
+        history["train_accs"].append(train_acc)
+        history["val_accs"].append(val_acc)
+        state["epoch"] = epoch + 1
+        metrics = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "train_accuracy": train_acc,
+                   "val_accuracy": val_acc, "examples_seen": state["examples_seen"],
+                   "global_step": state["global_step"], "resumed_from_epoch": state["resumed_from_epoch"]}
+        if epoch + 1 == cfg.epochs:
+            metrics["replica_digests"] = gather_digests(classifier)
+        report_with_checkpoint(metrics, classifier, optimizer, state, is_rank_zero=context.get_world_rank() == 0)
+
+
+def gather_digests(model: torch.nn.Module) -> list[str]:
+    """Every worker's weights digest: DDP keeps replicas identical, and this shows it."""
+    digest = weights_digest(model)
+    if not torch.distributed.is_initialized():
+        return [digest]
+    digests = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(digests, digest)
+    return digests
+
+
+def report_with_checkpoint(metrics: dict, classifier: TextClassifier, optimizer, state: dict, is_rank_zero: bool) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if is_rank_zero:  # replicas are identical; one copy is enough
+            save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, Path(folder) / MODEL_FILE)
+            torch.save({**state, "optimizer": optimizer.state_dict()}, Path(folder) / STATE_FILE)
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def default_run_name(cfg: TrainConfig) -> str:
+    """The same settings give the same name, so starting them again resumes the same run."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("storage_path", "run_name", "overwrite", "fail_once_at_step")}
+    return "spamray-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def longest_training_example(data: str, max_length: int) -> int:
+    import pandas as pd
+
+    texts = pd.read_parquet(split_url(data, "train"), columns=["text"])["text"].tolist()
+    return max(len(ids) for ids in get_tokenizer().encode_batch(texts, max_length=max_length))
+
+
+def train(cfg: TrainConfig, log=print) -> dict:
+    """Runs the TorchTrainer, then evaluates and saves the final classifier; returns its metrics."""
+    import ray
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    labels = read_prepared_labels(cfg.data)
+    if storage.exists(cfg.output) and not cfg.overwrite:
+        raise FileExistsError(f"{cfg.output} already exists; choose another --output or pass --overwrite")
+    probe = build_classifier(cfg, labels)  # fails here, before any Ray work, on bad weights or options
+    log(f"model: {cfg.weights} ({probe.cfg.emb_dim}-wide, {probe.cfg.n_layers} blocks), trainable {cfg.trainable}: "
+        f"{count_parameters(probe, trainable_only=True):,} of {count_parameters(probe):,} parameters")
+    pad_to = longest_training_example(cfg.data, probe.max_length) if cfg.padding == "longest" else None
+    del probe
+
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    run_name = cfg.run_name or default_run_name(cfg)
+    storage_path = cfg.storage_path or str(Path.home() / "ray_results")
+    # Materialized, the small splits need no CPU of their own while the workers hold every core.
+    datasets = {name: ray.data.read_parquet(split_url(cfg.data, name)).select_columns(["text", "label"]).materialize()
+                for name in ("train", "validation")}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": asdict(cfg), "labels": labels, "pad_to": pad_to,
+                           "fault_marker": storage.join(storage_path, run_name, f"fault-drill-step-{cfg.fail_once_at_step}")},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(name=run_name, storage_path=storage_path,
+                                       failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    log(f"Ray Train run {run_name!r} in {storage_path} ({cfg.num_workers} workers, gpu={use_gpu})")
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    classifier = build_classifier(cfg, labels)
+    with result.checkpoint.as_directory() as folder:
+        classifier.load_state_dict(load_file(Path(folder) / MODEL_FILE))
+        final_state = torch.load(Path(folder) / STATE_FILE, weights_only=True)
+    history = final_state["history"]
+    classifier.eval()
+    metrics = {**accuracy_by_split(classifier, cfg.data), "training": result.metrics, "history": history,
+               "settings": {**asdict(cfg), "run_name": run_name, "storage_path": storage_path}}
+    classifier.metrics = metrics
+    classifier.save(cfg.output, overwrite=cfg.overwrite, extra_files=plot_history(history, cfg.epochs, final_state["examples_seen"]))
+    log("accuracy: " + ", ".join(f"{split} {metrics[f'{split}_accuracy']:.2%}" for split in ("train", "validation", "test")))
+    log(f"classifier saved to {cfg.output} (with loss.png and accuracy.png)")
+    return metrics

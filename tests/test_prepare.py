@@ -1,0 +1,97 @@
+"""The book's data preparation, and what bad input gets."""
+
+import hashlib
+import io
+import zipfile
+from importlib import resources
+
+import pandas as pd
+import pytest
+
+import spamray
+from spamray.config import PrepareConfig
+from spamray.prepare import download_uci_collection, prepare, read_labelled
+
+
+def test_all_messages_are_read_despite_quotes():
+    frame = read_labelled("sms")
+    assert len(frame) == 5574
+    assert frame["label"].value_counts().to_dict() == {"ham": 4827, "spam": 747}
+    assert frame["text"].str.contains('"').sum() == 145
+
+
+def test_book_procedure_is_reproduced(prepared_sms):
+    splits = {name: pd.read_parquet(f"{prepared_sms}/{name}.parquet") for name in ("train", "validation", "test")}
+    assert [len(part) for part in splits.values()] == [1045, 149, 300]
+    both = pd.concat(splits.values())
+    assert both["label"].value_counts().to_dict() == {0: 747, 1: 747}
+    assert set(both["label_name"]) == {"not spam", "spam"}
+    # The book's first training message, and its longest training example of 120 tokens.
+    assert splits["train"]["text"].iloc[0] == "Dude how do you like the buff wind."
+    lengths = [len(ids) for ids in spamray.get_tokenizer().encode_batch(splits["train"]["text"].tolist())]
+    assert max(lengths) == 120
+    # Every message traces back to its line in the collection.
+    sms = read_labelled("sms")
+    row = splits["test"].iloc[5]
+    assert sms.loc[row["source_row"] - 1, "text"] == row["text"]
+
+
+def test_other_label_sets_and_no_balancing(tmp_path):
+    rows = [(f"message {i}", ["billing", "account", "other"][i % 3]) for i in range(60)]
+    pd.DataFrame(rows, columns=["body", "topic"]).to_csv(tmp_path / "in.csv", index=False)
+    counts = prepare(PrepareConfig(output=str(tmp_path / "out"), input=str(tmp_path / "in.csv"), text_column="body",
+                                   label_column="topic", balance="none"), log=lambda *_: None)
+    assert list(counts["train"]) == ["account", "billing", "other"]  # sorted: a stable, documented order
+    assert sum(sum(c.values()) for c in counts.values()) == 60
+    counts = prepare(PrepareConfig(output=str(tmp_path / "out2"), input=str(tmp_path / "in.csv"), text_column="body",
+                                   label_column="topic", labels="other,billing,account"), log=lambda *_: None)
+    assert list(counts["train"]) == ["other", "billing", "account"]
+
+
+def test_uci_zip_is_checked(tmp_path, monkeypatch):
+    data = (resources.files("spamray") / "data" / "SMSSpamCollection").read_bytes()
+    for name, content in (("good.zip", data), ("bad.zip", data + b"ham\textra line\n")):
+        with zipfile.ZipFile(tmp_path / name, "w") as archive:
+            archive.writestr("SMSSpamCollection", content)
+    assert len(download_uci_collection(f"file://{tmp_path / 'good.zip'}")) == 5574
+    with pytest.raises(ValueError, match="expected sha256"):
+        download_uci_collection(f"file://{tmp_path / 'bad.zip'}")
+
+
+def write(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize("name, content, options, message", [
+    ("missing.csv", "body,label\nhi,ham\n", {}, "has no column 'text'; its columns are \\['body', 'label'\\]"),
+    ("empty.csv", "", {}, "is empty"),
+    ("header.csv", "text,label\n", {}, "has a header but no rows"),
+    ("unknown.csv", "text,label\n" + "a,ham\nb,spam\n" * 20 + "c,eggs\n", {"labels": "ham,spam"},
+     "1 rows cannot be used \\(row 41: unknown label 'eggs'\\)"),
+    ("blank.csv", "text,label\n" + "a,ham\nb,spam\n" * 20 + " ,spam\n", {}, "row 41: empty text"),
+    ("oneclass.csv", "text,label\n" + "a,ham\n" * 30 + "b,spam\n", {"balance": "none"}, "split has no \\['spam'\\]"),
+])
+def test_bad_input_gets_a_clear_error(tmp_path, name, content, options, message):
+    cfg = PrepareConfig(output=str(tmp_path / "out"), input=write(tmp_path, name, content), **options)
+    with pytest.raises(ValueError, match=message):
+        prepare(cfg, log=lambda *_: None)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_skipping_bad_rows_reports_each(tmp_path):
+    content = "text,label\n" + "a,ham\nb,spam\n" * 20 + "c,eggs\n,ham\n"
+    said = []
+    prepare(PrepareConfig(output=str(tmp_path / "out"), input=write(tmp_path, "in.csv", content), labels="ham,spam",
+                          skip_bad_rows=True), log=said.append)
+    assert said[0] == "dropped 2 rows: row 41: unknown label 'eggs'; row 42: empty text"
+
+
+def test_missing_input_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        prepare(PrepareConfig(output=str(tmp_path / "o"), input=str(tmp_path / "nope.csv")), log=lambda *_: None)
+
+
+def test_existing_output_needs_overwrite(prepared_sms):
+    with pytest.raises(FileExistsError, match="already exists"):
+        prepare(PrepareConfig(output=prepared_sms), log=lambda *_: None)

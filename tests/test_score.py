@@ -1,0 +1,189 @@
+"""Bulk scoring through Ray Data: same predictions as in-process, every row once, whole outputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import spamray
+from spamray import TextClassifier
+from spamray.cli import main
+from spamray.config import ScoreConfig
+from spamray.score import score
+from spamray.scores_folder import MANIFEST, ScoresFolder
+
+quiet = dict(log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def model_url(tmp_path_factory):
+    torch.manual_seed(3)
+    folder = tmp_path_factory.mktemp("model") / "clf"
+    TextClassifier.from_gpt2(spamray.load_gpt2("random", "gpt2-tiny"), ["not spam", "spam"], max_length=96).save(str(folder))
+    return str(folder)
+
+
+@pytest.fixture
+def mixed_archive(tmp_path, sms_messages):
+    """Parquet and CSV files with short, long, 5,000-token, null, empty, blank, emoji/CJK,
+    undecodable and duplicated-id messages."""
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    long_text = " ".join(sms_messages[:400])  # far over 5,000 tokens
+    special = ["", "   \t ", "🎉 Congrats!! 你赢了 ¥1000, reply YES 📱", long_text, "ok", "ok"]
+    pq.write_table(pa.table({"msg_id": [f"p{i}" for i in range(300)] + ["dup", "dup"],
+                             "text": sms_messages[:300] + [None, sms_messages[5]],
+                             "sender": ["a"] * 302}), folder / "part-1.parquet")
+    pq.write_table(pa.table({"msg_id": [f"q{i}" for i in range(len(special))], "text": special,
+                             "sender": ["b"] * len(special)}), folder / "part-2.parquet")
+    rows = pd.DataFrame({"msg_id": [f"c{i}" for i in range(200)] + ["dup"],
+                         "text": sms_messages[1000:1200] + ['a "quoted",\nmulti-line message'], "sender": "c"})
+    csv_bytes = rows.to_csv(index=False).encode()
+    csv_bytes += b'c999,"bad bytes \xff\xfe here",c\n'  # not UTF-8: one row marked, not the file
+    (folder / "part-3.csv").write_bytes(csv_bytes)
+    return folder
+
+
+def read_output(url):
+    return pd.read_parquet(url)
+
+
+def test_pipeline_equals_the_in_process_classifier_row_by_row(ray_local, model_url, mixed_archive, tmp_path):
+    out = str(tmp_path / "scores")
+    summary = score(ScoreConfig(model=model_url, input=str(mixed_archive), output=out, id_column="msg_id",
+                                keep=["sender"], batch_size=32, read_batch_rows=100), **quiet)
+    frame = read_output(out)
+    assert len(frame) == summary["rows_written"] == summary["rows_read"] == 302 + 6 + 202
+    assert not frame.duplicated(["source_file", "source_row"]).any()
+    assert (frame["msg_id"] == "dup").sum() == 3  # duplicated ids are all kept, each its own row
+    by_id = frame.set_index(["source_file", "source_row"]).sort_index()
+    statuses = frame.set_index("msg_id")["status"]
+    assert statuses["q0"] == "empty" and statuses["q1"] == "empty" and statuses["q3"] == "truncated"
+    assert statuses["c999"] == "undecodable"
+    null_row = by_id.loc[(str(mixed_archive / "part-1.parquet"), 300)]
+    assert null_row["status"] == "null" and null_row["msg_id"] == "dup"
+    assert summary["rows_per_status"] == frame["status"].value_counts().to_dict()
+    unscored = frame[~frame["status"].isin(["ok", "truncated"])]
+    assert len(unscored) == 4 and unscored[["label", "p_spam"]].isna().all().all()
+
+    classifier = TextClassifier.load(model_url)
+    inputs = pd.concat([pd.read_parquet(mixed_archive / "part-1.parquet").assign(source_file=str(mixed_archive / "part-1.parquet")),
+                        pd.read_parquet(mixed_archive / "part-2.parquet").assign(source_file=str(mixed_archive / "part-2.parquet"))])
+    inputs["source_row"] = inputs.groupby("source_file").cumcount()
+    csv_rows = pd.read_csv(mixed_archive / "part-3.csv", encoding_errors="replace", keep_default_na=False)
+    scored = frame[frame["status"].isin(["ok", "truncated"])]
+    texts = dict(zip(zip(inputs["source_file"], inputs["source_row"]), inputs["text"]))
+    texts.update({(str(mixed_archive / "part-3.csv"), i): t for i, t in enumerate(csv_rows["text"][:201])})
+    for row in scored.itertuples():
+        alone = classifier.predict([texts[(row.source_file, row.source_row)]])[0]  # the message by itself
+        assert row.label == alone.label
+        assert abs(row.p_spam - alone.probs["spam"]) <= 1e-5 and abs(row.p_not_spam - alone.probs["not spam"]) <= 1e-5
+    assert set(frame["sender"]) == {"a", "b", "c"} and frame["model_version"].nunique() == 1
+
+
+def test_a_replica_that_dies_once_loses_nothing(ray_local, model_url, mixed_archive, tmp_path):
+    out = tmp_path / "scores"
+    summary = score(ScoreConfig(model=model_url, input=str(mixed_archive), output=str(out), batch_size=16,
+                                read_batch_rows=50, fail_once_at_batch=3), **quiet)
+    frame = read_output(str(out))
+    assert len(frame) == summary["rows_written"] == 510
+    assert not frame.duplicated(["source_file", "source_row"]).any()
+    assert not list(tmp_path.glob(".scores.staging-*"))
+
+
+def test_a_killed_driver_leaves_no_output_and_the_rerun_is_exact(model_url, sms_messages, tmp_path):
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for part in range(6):
+        pq.write_table(pa.table({"text": sms_messages[part * 900:(part + 1) * 900]}), archive / f"{part}.parquet")
+    out = tmp_path / "scores"
+    command = [sys.executable, "-m", "spamray.cli", "score", "--model", model_url, "--input", str(archive),
+               "--output", str(out), "--batch-size", "8", "--read-batch-rows", "100", "--cpus-per-replica", "1"]
+    env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not list(tmp_path.glob(".scores.staging-*/*.parquet")):
+        time.sleep(0.2)
+    assert list(tmp_path.glob(".scores.staging-*/*.parquet")), "the run never started writing"
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert not out.exists()  # nothing that looks complete
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    frame = read_output(str(out))
+    assert len(frame) == len(sms_messages[:5400])
+    assert not frame.duplicated(["source_file", "source_row"]).any()
+    assert not list(tmp_path.glob(".scores.staging-*"))
+
+
+def test_incremental_runs_score_only_new_or_changed_files(ray_local, model_url, sms_messages, tmp_path):
+    archive, out = tmp_path / "archive", str(tmp_path / "scores")
+    archive.mkdir()
+    pq.write_table(pa.table({"text": sms_messages[:100]}), archive / "day-1.parquet")
+    pq.write_table(pa.table({"text": sms_messages[100:150]}), archive / "day-2.parquet")
+    cfg = ScoreConfig(model=model_url, input=str(archive), output=out, incremental=True)
+    assert score(cfg, **quiet)["rows_written"] == 150
+    again = score(cfg, **quiet)
+    assert again["files_scored"] == 0 and again["rows_written"] == 0
+    pq.write_table(pa.table({"text": sms_messages[150:180]}), archive / "day-3.parquet")
+    third = score(cfg, **quiet)
+    assert third["files_scored"] == 1 and third["rows_written"] == 30
+    frame = read_output(out)
+    assert len(frame) == 180 and not frame.duplicated(["source_file", "source_row"]).any()
+    # A file rewritten in place: its old rows are replaced, not duplicated.
+    time.sleep(0.01)
+    pq.write_table(pa.table({"text": sms_messages[200:260]}), archive / "day-2.parquet")
+    assert score(cfg, **quiet)["rows_written"] == 60
+    frame = read_output(out)
+    assert len(frame) == 100 + 60 + 30
+    assert (frame["source_file"] == str(archive / "day-2.parquet")).sum() == 60
+    manifest = json.loads((tmp_path / "scores" / MANIFEST).read_text())
+    assert {v["rows"] for v in manifest["inputs"].values()} == {100, 60, 30}
+
+
+def test_a_second_full_run_needs_overwrite(ray_local, model_url, sms_messages, tmp_path):
+    archive, out = tmp_path / "archive", str(tmp_path / "scores")
+    archive.mkdir()
+    pq.write_table(pa.table({"text": sms_messages[:20]}), archive / "a.parquet")
+    score(ScoreConfig(model=model_url, input=str(archive), output=out), **quiet)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        score(ScoreConfig(model=model_url, input=str(archive), output=out), **quiet)
+    pq.write_table(pa.table({"text": sms_messages[:30]}), archive / "a.parquet")
+    score(ScoreConfig(model=model_url, input=str(archive), output=out, overwrite=True), **quiet)
+    assert len(read_output(out)) == 30
+
+
+def test_a_commit_cut_between_its_renames_is_finished_by_the_next_run(tmp_path):
+    staging = tmp_path / ".scores.staging-run1"
+    staging.mkdir()
+    pq.write_table(pa.table({"x": [1, 2]}), staging / "part.parquet")
+    (staging / MANIFEST).write_text(json.dumps({"format": "spamray-scores"}))
+    abandoned = tmp_path / ".scores.staging-run2"  # never reached its manifest
+    abandoned.mkdir()
+    ScoresFolder(str(tmp_path / "scores")).recover(log=lambda *_: None)
+    assert len(pd.read_parquet(tmp_path / "scores")) == 2
+    assert not staging.exists() and not abandoned.exists()
+
+
+def test_bad_input_fails_before_any_work(ray_local, model_url, tmp_path, capsys):
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    pq.write_table(pa.table({"body": ["hi"]}), archive / "a.parquet")
+    out = str(tmp_path / "scores")
+    assert main(["score", "--model", model_url, "--input", str(archive), "--output", out]) == 1
+    assert "a.parquet has no column 'text'; its columns are ['body']" in capsys.readouterr().err
+    assert main(["score", "--model", model_url, "--input", str(tmp_path / "nowhere"), "--output", out]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["score", "--model", str(tmp_path), "--input", str(archive), "--output", out,
+                 "--text-column", "body"]) == 1
+    assert "is not a spamray classifier" in capsys.readouterr().err
+    assert not os.path.exists(out)

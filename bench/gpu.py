@@ -1,0 +1,101 @@
+"""GPU figures for GPT-2 small (random weights): bf16 scoring throughput and model FLOP
+utilisation, and one training epoch of the book's configuration. Plain PyTorch, no Ray.
+
+    python bench/gpu.py            (bench/gpu.sh runs it on a lent GPU machine)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import forward_flops  # noqa: E402
+
+import spamray  # noqa: E402
+from spamray import TextClassifier  # noqa: E402
+from spamray.model import GPTModel, preset_config  # noqa: E402
+from spamray.prepare import balance, read_labelled, split  # noqa: E402
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks
+
+
+def synchronized_seconds(function) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    function()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measured_matmul_rate() -> float:
+    a, b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16), torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    seconds = synchronized_seconds(lambda: [a @ b for _ in range(20)])
+    return 20 * 2 * 8192**3 / seconds
+
+
+def scoring(texts: list[str], peak: float) -> None:
+    torch.manual_seed(0)
+    classifier = TextClassifier.from_gpt2(GPTModel(preset_config("gpt2-small")), ["not spam", "spam"]).eval()
+    token_lists = spamray.get_tokenizer().encode_batch(texts)
+    flops = forward_flops(classifier.cfg, [len(t) for t in token_lists])
+    fp32 = classifier.cuda().score_token_ids(token_lists[:2000])
+    classifier.to(torch.bfloat16)
+    print(f"scoring {len(texts):,} messages, {sum(map(len, token_lists)):,} tokens")
+    for tokens, rows in ((16384, 512), (65536, 2048), (262144, 8192)):
+        run = lambda: classifier.score_token_ids(token_lists, max_batch_tokens=tokens, max_batch_rows=rows)  # noqa: E731
+        run()
+        seconds = min(synchronized_seconds(run) for _ in range(3))
+        print(f"  bf16, batches of <= {tokens:>6} tokens / {rows:>4} rows: {len(texts) / seconds:>10,.0f} msgs/s, "
+              f"MFU {flops / seconds / peak:.1%} of {peak / 1e12:.0f} TFLOP/s")
+    bf16 = classifier.score_token_ids(token_lists[:2000])
+    print(f"  bf16 labels equal to fp32's on 2,000 messages: {(bf16.argmax(1) == fp32.argmax(1)).mean():.2%}, "
+          f"max |p| difference {np.abs(bf16 - fp32).max():.4f}")
+
+
+def training_epoch() -> None:
+    frame = read_labelled("sms")
+    frame = frame.assign(label=(frame["label"] == "spam").astype("int64"))
+    train = split(balance(frame, 123), 0.7, 0.1, 123)["train"]
+    tok = spamray.get_tokenizer()
+    torch.manual_seed(123)
+    classifier = TextClassifier.from_gpt2(GPTModel(preset_config("gpt2-small")), ["not spam", "spam"],
+                                          trainable="last_block").cuda().train()
+    optimizer = torch.optim.AdamW([p for p in classifier.parameters() if p.requires_grad], lr=5e-5, weight_decay=0.1)
+    rows = tok.encode_batch(train["text"].tolist())
+    labels = torch.tensor(train["label"].to_numpy())
+
+    def epoch():
+        for start in range(0, len(rows) - 7, 8):  # batch 8, drop_last, as the book
+            ids, lengths = tok.pad(rows[start:start + 8])
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = classifier(torch.from_numpy(ids).cuda(), torch.from_numpy(lengths).cuda())
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels[start:start + 8].cuda())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    epoch()  # warm-up epoch
+    seconds = synchronized_seconds(epoch)
+    print(f"training: one epoch of the book's configuration (1,045 messages, batch 8, last_block, bf16 autocast): "
+          f"{seconds:.2f} s ({len(rows) // 8 * 8 / seconds:,.0f} examples/s)")
+
+
+def main() -> None:
+    name = torch.cuda.get_device_name()
+    peak = next((value for key, value in PEAK_BF16.items() if key in name), 989e12)
+    print(f"{name}, torch {torch.__version__}; measured bf16 8192^3 matmul: {measured_matmul_rate() / 1e12:.0f} TFLOP/s")
+    texts = read_labelled("sms")["text"].tolist() * 8
+    scoring(texts, peak)
+    training_epoch()
+
+
+if __name__ == "__main__":
+    main()

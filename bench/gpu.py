@@ -55,6 +55,24 @@ def scoring(texts: list[str], peak: float) -> None:
         seconds = min(synchronized_seconds(run) for _ in range(3))
         print(f"  bf16, batches of <= {tokens:>6} tokens / {rows:>4} rows: {len(texts) / seconds:>10,.0f} msgs/s, "
               f"MFU {flops / seconds / peak:.1%} of {peak / 1e12:.0f} TFLOP/s")
+    # Model only: the same buckets padded and on the GPU beforehand, to separate host-side cost.
+    from spamray.classifier import length_buckets, pad_rows
+
+    batches = []
+    for bucket in length_buckets([len(t) for t in token_lists], 65536, 2048):
+        ids, lengths = pad_rows([token_lists[i] for i in bucket], classifier.max_length)
+        batches.append((torch.from_numpy(ids).cuda(), torch.from_numpy(lengths).cuda()))
+    for label, model in (("eager", classifier), ("torch.compile", torch.compile(classifier, dynamic=True))):
+        def forward_all(model=model):
+            with torch.inference_mode():
+                for ids, lengths in batches:
+                    model(ids, lengths)
+        started = time.perf_counter()
+        forward_all()
+        warm = time.perf_counter() - started
+        seconds = min(synchronized_seconds(forward_all) for _ in range(3))
+        print(f"  bf16 model only ({label}, first pass {warm:.1f} s): {len(texts) / seconds:>10,.0f} msgs/s, "
+              f"MFU {flops / seconds / peak:.1%}")
     bf16 = classifier.score_token_ids(token_lists[:2000])
     print(f"  bf16 labels equal to fp32's on 2,000 messages: {(bf16.argmax(1) == fp32.argmax(1)).mean():.2%}, "
           f"max |p| difference {np.abs(bf16 - fp32).max():.4f}")

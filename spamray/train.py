@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import tempfile
+import time
 from collections import deque
 from dataclasses import asdict
 from pathlib import Path
@@ -125,6 +126,7 @@ def train_loop_per_worker(config: dict) -> None:
     recent = deque(maxlen=cfg.eval_iter)  # the latest training batches, to estimate train loss
     for epoch in range(state["epoch"], cfg.epochs):
         model.train()
+        epoch_started, epoch_examples = time.perf_counter(), state["examples_seen"]
         batches = train_shard.iter_torch_batches(batch_size=cfg.batch_size, collate_fn=collate, device="cpu",
                                                  drop_last=True, local_shuffle_buffer_size=4096,
                                                  local_shuffle_seed=cfg.seed + epoch)
@@ -146,12 +148,14 @@ def train_loop_per_worker(config: dict) -> None:
                 history["examples_seen"].append(state["examples_seen"])
         train_loss, train_acc = estimate(model, recent, device)
         val_loss, val_acc = estimate(model, validation_batches, device)
+        examples_per_second = (state["examples_seen"] - epoch_examples) / (time.perf_counter() - epoch_started)
         history["train_accs"].append(train_acc)
         history["val_accs"].append(val_acc)
         state["epoch"] = epoch + 1
         metrics = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "train_accuracy": train_acc,
                    "val_accuracy": val_acc, "examples_seen": state["examples_seen"],
-                   "global_step": state["global_step"], "resumed_from_epoch": state["resumed_from_epoch"]}
+                   "global_step": state["global_step"], "resumed_from_epoch": state["resumed_from_epoch"],
+                   "examples_per_second": examples_per_second}
         if epoch + 1 == cfg.epochs:
             metrics["replica_digests"] = gather_digests(classifier)
         report_with_checkpoint(metrics, classifier, optimizer, state, is_rank_zero=context.get_world_rank() == 0)

@@ -124,6 +124,11 @@ def train_loop_per_worker(config: dict) -> None:
         validation.iter_torch_batches(batch_size=cfg.batch_size, collate_fn=collate, device="cpu"), cfg.eval_iter))
 
     recent = deque(maxlen=cfg.eval_iter)  # the latest training batches, to estimate train loss
+    if state["epoch"] >= cfg.epochs:  # the run had finished: hand its final state back as the result
+        metrics = {key: state[key] for key in ("epoch", "examples_seen", "global_step", "resumed_from_epoch")}
+        report_with_checkpoint({**metrics, "replica_digests": gather_digests(classifier)}, classifier, optimizer,
+                               state, is_rank_zero=context.get_world_rank() == 0)
+        return
     for epoch in range(state["epoch"], cfg.epochs):
         model.train()
         epoch_started, epoch_examples = time.perf_counter(), state["examples_seen"]

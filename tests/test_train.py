@@ -45,6 +45,11 @@ def test_a_failed_worker_resumes_from_the_last_checkpoint(ray_local, prepared_sm
     assert training["examples_seen"] == 2 * 130 * 8
     assert (tmp_path / "runs" / metrics["settings"]["run_name"] / "fault-drill-step-140").exists()
 
+    # Started again with the same settings after it finished: nothing is trained twice.
+    again = train(TrainConfig(**{**vars(cfg), "output": str(tmp_path / "model-again")}), log=lambda *_: None)
+    assert again["training"]["resumed_from_epoch"] == 2 and again["training"]["global_step"] == 2 * 130 - 1
+    assert again["test_accuracy"] == metrics["test_accuracy"]
+
 
 def test_pretrained_weights_by_path_through_the_cli(ray_local, prepared_sms, small_hf_checkpoint, tmp_path):
     folder, reference = small_hf_checkpoint

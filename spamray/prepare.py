@@ -65,7 +65,8 @@ def read_table(url: str, columns: list[str]) -> pd.DataFrame:
             frame = pd.read_parquet(url)
         else:
             sep = "," if name.endswith(".csv") else "\t"
-            with storage.url_to_fs(url)[0].open(storage.url_to_fs(url)[1], "rb") as handle:
+            fs, path = storage.url_to_fs(url)
+            with fs.open(path, "rb") as handle:
                 frame = pd.read_csv(handle, sep=sep, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
         raise ValueError(f"{url} is empty: expected a header line and at least one row") from None

@@ -1,7 +1,5 @@
 """The book's data preparation, and what bad input gets."""
 
-import hashlib
-import io
 import zipfile
 from importlib import resources
 

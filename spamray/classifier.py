@@ -22,6 +22,12 @@ from .model import GPTConfig, GPTModel
 from .tokenizer import get_tokenizer
 
 POOLINGS = ("last_token", "last", "mean")
+
+# Tokens and rows per model batch. A CPU's matrix products run near full speed from a few hundred
+# rows on, so small batches win there: rows grouped more tightly by length carry less padding
+# (bench/score.py measured it). A GPU needs large batches to fill its cores.
+CPU_BATCH_BUDGET = (512, 1024)
+GPU_BATCH_BUDGET = (65536, 2048)
 TRAINABLE_POLICIES = ("head", "last_block", "last_n_blocks:K", "all", "lora:RANK")
 
 
@@ -119,17 +125,19 @@ class TextClassifier(nn.Module):
         return batch
 
     @torch.inference_mode()
-    def score_token_ids(self, batch: Sequence[Sequence[int]], max_batch_tokens: int = 8192,
-                        max_batch_rows: int = 64) -> np.ndarray:
+    def score_token_ids(self, batch: Sequence[Sequence[int]], max_batch_tokens: int | None = None,
+                        max_batch_rows: int | None = None) -> np.ndarray:
         """Class probabilities [N, num_labels] for token id lists (each 1..max_length long).
 
         Rows are grouped by length so each model batch pads only to its own longest row; the
         result comes back in input order. With `last_token` pooling no row's result depends on
-        what else is in the batch.
+        what else is in the batch. The budgets default to CPU_BATCH_BUDGET or GPU_BATCH_BUDGET.
         """
         if self.training:
             raise RuntimeError("call .eval() before scoring: dropout is on")
         device = next(self.parameters()).device
+        default_tokens, default_rows = CPU_BATCH_BUDGET if device.type == "cpu" else GPU_BATCH_BUDGET
+        max_batch_tokens, max_batch_rows = max_batch_tokens or default_tokens, max_batch_rows or default_rows
         probs = np.empty((len(batch), len(self.labels)), dtype=np.float32)
         for rows in length_buckets([len(ids) for ids in batch], max_batch_tokens, max_batch_rows):
             token_ids, lengths = pad_rows([batch[row] for row in rows], self.max_length)

@@ -15,15 +15,18 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from . import saved, storage
 from .config import ScoreConfig
 from .inputs import check_columns, list_input_files, read_chunks
-from .scores_folder import ScoresFolder, build_manifest, new_run_id, plan_run, verify_rows
+from .scores_folder import ScoresFolder, audit_staged, build_manifest, new_run_id, plan_run
 from .tokenizer import get_tokenizer
 
 SCOREABLE = ("ok", "truncated")
+# Ray Data gathers a replica's output into blocks of up to this size before it writes them out.
+# Its default (128 MiB) would gather a whole input file, so memory would grow with file size;
+# 4 MiB (about 28,000 scored rows) keeps it flat and still makes output files of a useful size.
+OUTPUT_BLOCK_BYTES = 4 << 20
 
 
 def probability_column(label: str) -> str:
@@ -145,16 +148,18 @@ def score(cfg: ScoreConfig, log=print) -> dict:
                                             "model_name": cfg.model, "fail_once_at_batch": cfg.fail_once_at_batch,
                                             "fault_marker": f"{staging}.fault-drill"})
     )
+    dataset.context.target_max_block_size = OUTPUT_BLOCK_BYTES
     log(f"scoring {len(to_score)} of {len(files)} files from {cfg.input} with {cfg.model} ({model_version}), "
         f"{cfg.replicas} replica(s){' on GPUs' if use_gpu else ''}")
     dataset.write_parquet(staging)
-    rows = verify_rows(folder.fs, folder.staging_path(run_id), to_score)
-    summary.update(summarize(folder, run_id, rows))
+    audit = audit_staged(folder.fs, folder.staging_path(run_id), to_score)
+    summary.update(rows_read=sum(audit.rows_per_file.values()), rows_written=audit.rows_written,
+                   rows_per_status=dict(audit.rows_per_status), rows_per_label=dict(audit.rows_per_label))
     run = {"run_id": run_id, "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
            "finished_at": datetime.now(timezone.utc).isoformat(), "files_scored": [f.url for f in to_score],
            "rows": summary["rows_written"]}
-    folder.commit(run_id, build_manifest(manifest, carried, to_score, rows, run, cfg.model, model_version, labels),
-                  to_score, carried, dropped)
+    folder.commit(run_id, build_manifest(manifest, carried, to_score, audit.rows_per_file, run, cfg.model,
+                                         model_version, labels), carried, dropped)
     storage.remove(f"{staging}.fault-drill")
     elapsed = time.time() - started
     summary.update(seconds=elapsed, rows_per_second=summary["rows_written"] / elapsed)
@@ -173,17 +178,6 @@ def replica_cpu_reservation(replicas: int, cpus_per_replica: int, cluster_cpus: 
 def _read_files(batch: pa.Table, text_column: str, carried: list[str], chunk_rows: int):
     for path in batch["path"].to_pylist():
         yield from read_chunks(path, text_column, carried, chunk_rows)
-
-
-def summarize(folder: ScoresFolder, run_id: str, rows: dict[str, int]) -> dict:
-    import pyarrow.dataset as pads
-
-    files = [p for p in folder.fs.find(folder.staging_path(run_id)) if p.endswith(".parquet")]
-    table = pads.dataset(files, format="parquet", filesystem=pa.fs.PyFileSystem(pa.fs.FSSpecHandler(folder.fs))) \
-        .to_table(columns=["status", "label"])
-    counts = lambda column: {str(k): int(v) for k, v in zip(*pc.value_counts(table[column].combine_chunks()).flatten())}  # noqa: E731
-    return {"rows_read": sum(rows.values()), "rows_written": table.num_rows,
-            "rows_per_status": counts("status"), "rows_per_label": counts("label")}
 
 
 def format_summary(summary: dict) -> str:

@@ -17,12 +17,13 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import asdict
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from . import storage
@@ -73,11 +74,9 @@ class ScoresFolder:
             self.fs.rm(path, recursive=True)
 
     # -- committing -----------------------------------------------------------------------
-    def commit(self, run_id: str, manifest: dict, scored: list[InputFile], carried_over: list[str],
-               dropped_sources: set[str]) -> None:
-        """Verifies the staged rows, carries over earlier output, writes the manifest, swaps in."""
+    def commit(self, run_id: str, manifest: dict, carried_over: list[str], dropped_sources: set[str]) -> None:
+        """Carries over earlier output, writes the manifest, swaps in. Call `audit_staged` first."""
         staging = self.staging_path(run_id)
-        verify_rows(self.fs, staging, scored)
         if carried_over:
             self._carry_over(staging, dropped_sources)
         self.fs.pipe_file(f"{staging}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
@@ -133,32 +132,83 @@ class ScoresFolder:
         return pa.fs.PyFileSystem(pa.fs.FSSpecHandler(self.fs))
 
 
-def verify_rows(fs, staging: str, scored: list[InputFile]) -> dict[str, int]:
+@dataclass
+class StagedAudit:
+    """What one pass over a run's staged output found."""
+
+    rows_per_file: dict[str, int]  # input file -> rows scored, each row exactly once
+    rows_written: int = 0
+    rows_per_status: Counter = field(default_factory=Counter)
+    rows_per_label: Counter = field(default_factory=Counter)
+
+
+def audit_staged(fs, staging: str, scored: list[InputFile], batch_rows: int = 65536) -> StagedAudit:
     """Proves that each scored file's rows are all there exactly once (source_row 0..n-1, no
-    repeats); returns rows per file. Parquet inputs are also checked against their row count."""
-    files = [p for p in fs.find(staging) if p.endswith(".parquet")]
-    counts = {file.url: 0 for file in scored}
-    if files:
-        dataset = pads.dataset(files, format="parquet", filesystem=pa.fs.PyFileSystem(pa.fs.FSSpecHandler(fs)))
-        table = dataset.to_table(columns=["source_file", "source_row"])
-        grouped = table.group_by("source_file").aggregate(
-            [("source_row", "count"), ("source_row", "count_distinct"), ("source_row", "min"), ("source_row", "max")])
-        for row in grouped.to_pylist():
-            name, count = row["source_file"], row["source_row_count"]
-            if name not in counts:
-                raise RuntimeError(f"staged output holds rows of {name}, which this run did not score")
-            if not (count == row["source_row_count_distinct"] == row["source_row_max"] + 1 and row["source_row_min"] == 0):
-                raise RuntimeError(f"rows of {name} did not come through exactly once ({count} rows, "
-                                   f"{row['source_row_count_distinct']} distinct); nothing was committed")
-            counts[name] = count
+    repeats) and counts statuses and labels. Parquet inputs are also checked against their row
+    count. Streams the staged files: memory is one byte per input row, whatever the archive size."""
+    tallies = {file.url: RowTally(file.url) for file in scored}
+    audit = StagedAudit(rows_per_file={})
+    for path in sorted(p for p in fs.find(staging) if p.endswith(".parquet")):
+        with fs.open(path, "rb") as handle:
+            for batch in pq.ParquetFile(handle).iter_batches(
+                    batch_size=batch_rows, columns=["source_file", "source_row", "status", "label"]):
+                _tally_sources(batch, tallies)
+                audit.rows_written += batch.num_rows
+                audit.rows_per_status.update(_value_counts(batch.column("status")))
+                audit.rows_per_label.update(_value_counts(batch.column("label")))
     for file in scored:
+        audit.rows_per_file[file.url] = tallies[file.url].complete_count()
         if file.format == "parquet":
             fs_in, path = storage.url_to_fs(file.url)
             with fs_in.open(path, "rb") as handle:
                 expected = pq.ParquetFile(handle).metadata.num_rows
-            if counts[file.url] != expected:
-                raise RuntimeError(f"{file.url} has {expected} rows but {counts[file.url]} were scored; nothing was committed")
-    return counts
+            if audit.rows_per_file[file.url] != expected:
+                raise RuntimeError(f"{file.url} has {expected} rows but {audit.rows_per_file[file.url]} were scored; "
+                                   "nothing was committed")
+    return audit
+
+
+class RowTally:
+    """Which rows of one input file came through: a byte per row, so a repeat shows at once."""
+
+    def __init__(self, source: str):
+        self.source, self.seen = source, np.zeros(0, dtype=np.uint8)
+
+    def add(self, rows: np.ndarray) -> None:
+        if len(rows) and rows.min() < 0:
+            raise RuntimeError(f"rows of {self.source} have a negative source_row; nothing was committed")
+        if len(rows) and rows.max() >= len(self.seen):
+            grown = np.zeros(max(int(rows.max()) + 1, 2 * len(self.seen)), dtype=np.uint8)
+            grown[:len(self.seen)] = self.seen
+            self.seen = grown
+        if len(np.unique(rows)) != len(rows) or self.seen[rows].any():
+            raise RuntimeError(f"rows of {self.source} did not come through exactly once (a row is there twice); "
+                               "nothing was committed")
+        self.seen[rows] = 1
+
+    def complete_count(self) -> int:
+        """Rows seen, after checking that they are 0..n-1 with none missing."""
+        count = int(self.seen.sum())
+        last = int(np.flatnonzero(self.seen)[-1]) + 1 if count else 0
+        if count != last:
+            raise RuntimeError(f"rows of {self.source} did not come through exactly once ({last - count} of rows "
+                               f"0..{last - 1} are missing); nothing was committed")
+        return count
+
+
+def _tally_sources(batch: pa.RecordBatch, tallies: dict[str, RowTally]) -> None:
+    sources = batch.column("source_file").dictionary_encode()
+    rows = batch.column("source_row").to_numpy(zero_copy_only=False)
+    indices = sources.indices.to_numpy(zero_copy_only=False)
+    for index, name in enumerate(sources.dictionary.to_pylist()):
+        if name not in tallies:
+            raise RuntimeError(f"staged output holds rows of {name}, which this run did not score; nothing was committed")
+        tallies[name].add(rows[indices == index])
+
+
+def _value_counts(column: pa.Array) -> dict[str, int]:
+    counts = column.value_counts()  # a null (an unscored row's label) counts under "None"
+    return {str(value): int(count) for value, count in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())}
 
 
 def new_run_id() -> str:

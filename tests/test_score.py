@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import fsspec
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,7 +19,8 @@ from spamray import TextClassifier
 from spamray.cli import main
 from spamray.config import ScoreConfig
 from spamray.score import score
-from spamray.scores_folder import MANIFEST, ScoresFolder
+from spamray.inputs import InputFile
+from spamray.scores_folder import MANIFEST, ScoresFolder, audit_staged
 
 quiet = dict(log=lambda *_: None)
 
@@ -186,3 +188,47 @@ def test_bad_input_fails_before_any_work(ray_local, model_url, tmp_path, capsys)
                  "--text-column", "body"]) == 1
     assert "is not a spamray classifier" in capsys.readouterr().err
     assert not os.path.exists(out)
+
+
+def staged_rows(folder, parts):
+    """Writes staged output files, one per part: (source_file, source_rows, statuses)."""
+    folder.mkdir()
+    for index, (source, rows, statuses) in enumerate(parts):
+        pq.write_table(pa.table({"source_file": [source] * len(rows), "source_row": rows, "status": statuses,
+                                 "label": [("spam" if s == "ok" else None) for s in statuses]}),
+                       folder / f"part-{index}.parquet")
+    return str(folder)
+
+
+def csv_input(name):
+    return InputFile(url=name, size=1, version="1")
+
+
+def test_the_audit_counts_rows_spread_over_staged_files(tmp_path):
+    fs = fsspec.filesystem("file")
+    staging = staged_rows(tmp_path / "staging", [("a.csv", [2, 0], ["ok", "empty"]),
+                                                 ("a.csv", [1], ["ok"]), ("b.csv", [0], ["null"])])
+    audit = audit_staged(fs, staging, [csv_input("a.csv"), csv_input("b.csv")], batch_rows=1)
+    assert audit.rows_per_file == {"a.csv": 3, "b.csv": 1} and audit.rows_written == 4
+    assert audit.rows_per_status == {"ok": 2, "empty": 1, "null": 1}
+    assert audit.rows_per_label == {"spam": 2, "None": 2}
+
+
+@pytest.mark.parametrize("parts, problem", [
+    ([("a.csv", [0, 1], ["ok"] * 2), ("a.csv", [1], ["ok"])], "a row is there twice"),
+    ([("a.csv", [0, 0], ["ok"] * 2)], "a row is there twice"),
+    ([("a.csv", [0, 2], ["ok"] * 2)], "1 of rows 0..2 are missing"),
+    ([("a.csv", [0], ["ok"]), ("z.csv", [0], ["ok"])], "rows of z.csv, which this run did not score"),
+])
+def test_the_audit_refuses_rows_lost_repeated_or_foreign(tmp_path, parts, problem):
+    staging = staged_rows(tmp_path / "staging", parts)
+    with pytest.raises(RuntimeError, match=problem):
+        audit_staged(fsspec.filesystem("file"), staging, [csv_input("a.csv")])
+
+
+def test_the_audit_checks_a_parquet_input_against_its_row_count(tmp_path):
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"text": ["a", "b", "c"]}), source)
+    staging = staged_rows(tmp_path / "staging", [(str(source), [0, 1], ["ok"] * 2)])
+    with pytest.raises(RuntimeError, match="has 3 rows but 2 were scored"):
+        audit_staged(fsspec.filesystem("file"), staging, [InputFile(url=str(source), size=1, version="1")])

@@ -184,8 +184,10 @@ class TextClassifier(nn.Module):
             raise saved.SavedClassifierError(f"{url}: {saved.METADATA_FILE} does not describe a valid classifier ({error})") from error
         expected = {name: (tuple(t.shape), t.dtype) for name, t in skeleton.state_dict().items()}
         metadata, tensors = saved.read_saved(url, expected)
-        classifier = cls(GPTModel(cfg), metadata["labels"], metadata["pooling"], metadata["max_length"])
-        classifier.load_state_dict(tensors, strict=True)
+        # The skeleton takes the loaded tensors as they are: no random initialisation to overwrite
+        # (seconds for the larger models, paid by every scoring replica as it starts).
+        classifier = skeleton
+        classifier.load_state_dict(tensors, strict=True, assign=True)
         classifier.metrics = metadata.get("metrics", {})
         classifier.trainable = metadata.get("trainable", "all")
         classifier.version = metadata["weights"]["sha256"][:16]

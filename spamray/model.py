@@ -132,8 +132,8 @@ class GPTModel(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
-        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.tok_emb = _embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = _embedding(cfg.context_length, cfg.emb_dim)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
@@ -169,8 +169,18 @@ class GPTModel(nn.Module):
         return self.out_head(self.hidden_states(token_ids))
 
 
+def _embedding(count: int, dim: int) -> nn.Embedding:
+    # Built around an empty weight that _init_gpt2_weights fills: nn.Embedding's own N(0, 1) draw
+    # would be thrown away, and on the meta device (TextClassifier.load) it alone imports
+    # torch._dynamo, which costs each scoring replica seconds as it starts.
+    return nn.Embedding(count, dim, _weight=torch.empty(count, dim))
+
+
 def _init_gpt2_weights(module: nn.Module) -> None:
-    # GPT-2's own initialisation: N(0, 0.02) for weights, zeros for biases.
+    # GPT-2's own initialisation: N(0, 0.02) for weights, zeros for biases. A skeleton on the
+    # meta device has no values to draw.
+    if getattr(module, "weight", None) is not None and module.weight.is_meta:
+        return
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
     if isinstance(module, nn.Linear) and module.bias is not None:

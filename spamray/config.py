@@ -103,8 +103,8 @@ class ScoreConfig:
     overwrite: bool = option(False, "replace earlier output (non-incremental runs only)")
     replicas: int = option(1, "model replicas (actors); one GPU each when GPUs exist")
     cpus_per_replica: int = option(2, "CPUs (and torch threads) per model replica")
-    batch_size: int = option(1024, "rows per Ray Data batch sent to a replica; the replica groups them by "
-                             "length, so larger batches pad less (raise it to 8192 or more for GPUs)")
+    batch_size: int | None = option(None, "rows per Ray Data batch sent to a replica (default: 1024 on CPUs, "
+                                    "16384 on GPUs); a replica groups them by length, so larger batches pad less")
     read_batch_rows: int = option(65536, "rows per block when reading a file")
     fail_once_at_batch: int | None = option(None, "fault drill: a replica dies once at this batch")
 

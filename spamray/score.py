@@ -27,6 +27,9 @@ SCOREABLE = ("ok", "truncated")
 # Its default (128 MiB) would gather a whole input file, so memory would grow with file size;
 # 4 MiB (about 28,000 scored rows) keeps it flat and still makes output files of a useful size.
 OUTPUT_BLOCK_BYTES = 4 << 20
+# Rows per batch a replica receives when --batch-size is not given: enough for it to group them
+# by length with little padding, and on a GPU enough to fill its model batches (GPU_BATCH_BUDGET).
+RAY_BATCH_ROWS = {"cpu": 1024, "gpu": 16384}
 
 
 def probability_column(label: str) -> str:
@@ -133,15 +136,16 @@ def score(cfg: ScoreConfig, log=print) -> dict:
 
     keep_text = "text" in cfg.keep or cfg.text_column in cfg.keep
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    batch_rows = cfg.batch_size or RAY_BATCH_ROWS["gpu" if use_gpu else "cpu"]
     reserved_cpus = replica_cpu_reservation(cfg.replicas, cfg.cpus_per_replica, ray.cluster_resources().get("CPU", 1))
     staging = folder.staging_url(run_id)
     dataset = (
         ray.data.from_items([{"path": f.url} for f in to_score], override_num_blocks=len(to_score))
         .map_batches(_read_files, batch_size=1, batch_format="pyarrow",
                      fn_kwargs={"text_column": cfg.text_column, "carried": carried_columns, "chunk_rows": cfg.read_batch_rows})
-        .map_batches(tokenize_batch, batch_size=cfg.batch_size * 4, batch_format="pyarrow",
+        .map_batches(tokenize_batch, batch_size=batch_rows * 4, batch_format="pyarrow",
                      fn_kwargs={"max_length": max_length, "keep_text": keep_text})
-        .map_batches(Scorer, batch_size=cfg.batch_size, batch_format="pyarrow",
+        .map_batches(Scorer, batch_size=batch_rows, batch_format="pyarrow",
                      compute=ray.data.ActorPoolStrategy(size=cfg.replicas),
                      num_cpus=reserved_cpus, num_gpus=1 if use_gpu else 0,
                      fn_constructor_kwargs={"model_url": cfg.model, "threads": cfg.cpus_per_replica,

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import spamray
+import spamray.score
 from spamray import TextClassifier
 from spamray.cli import main
 from spamray.config import ScoreConfig
@@ -124,6 +125,20 @@ def test_a_killed_driver_leaves_no_output_and_the_rerun_is_exact(model_url, sms_
     assert len(frame) == len(sms_messages[:5400])
     assert not frame.duplicated(["source_file", "source_row"]).any()
     assert not list(tmp_path.glob(".scores.staging-*"))
+
+
+def test_output_streams_out_in_blocks_of_bounded_size(ray_local, model_url, sms_messages, tmp_path, monkeypatch):
+    # What keeps memory flat as archives grow: a replica's output leaves in small blocks, each
+    # its own file, instead of gathering a whole input file first.
+    monkeypatch.setattr(spamray.score, "OUTPUT_BLOCK_BYTES", 16 << 10)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    pq.write_table(pa.table({"text": sms_messages[:2000]}), archive / "one.parquet")
+    out = tmp_path / "scores"
+    score(ScoreConfig(model=model_url, input=str(archive), output=str(out), batch_size=200), **quiet)
+    files = list(out.glob("*.parquet"))
+    assert len(files) >= 5 and max(pq.ParquetFile(f).metadata.num_rows for f in files) <= 1000
+    assert sorted(pd.read_parquet(out)["source_row"]) == list(range(2000))
 
 
 def test_incremental_runs_score_only_new_or_changed_files(ray_local, model_url, sms_messages, tmp_path):

@@ -19,8 +19,8 @@ import spamray.score
 from spamray import TextClassifier
 from spamray.cli import main
 from spamray.config import ScoreConfig
-from spamray.score import score
 from spamray.inputs import InputFile
+from spamray.score import Scorer, resolve_precision, score, tokenize_batch
 from spamray.scores_folder import MANIFEST, ScoresFolder, audit_staged
 
 quiet = dict(log=lambda *_: None)
@@ -139,6 +139,23 @@ def test_output_streams_out_in_blocks_of_bounded_size(ray_local, model_url, sms_
     files = list(out.glob("*.parquet"))
     assert len(files) >= 5 and max(pq.ParquetFile(f).metadata.num_rows for f in files) <= 1000
     assert sorted(pd.read_parquet(out)["source_row"]) == list(range(2000))
+
+
+def test_a_bf16_replica_agrees_with_fp32_and_auto_means_bf16_only_on_gpus(model_url, sms_messages):
+    assert resolve_precision("auto", on_gpu=True) == "bf16" and resolve_precision("auto", on_gpu=False) == "fp32"
+    assert resolve_precision("fp32", on_gpu=True) == "fp32"
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        resolve_precision("fp16", on_gpu=True)
+    rows = pa.table({"text": sms_messages[:200], "status": pa.nulls(200, pa.string())})
+    batch = tokenize_batch(rows, max_length=96, keep_text=False)
+    fp32 = Scorer(model_url, threads=1, model_name="m", precision="fp32")(batch)
+    bf16_scorer = Scorer(model_url, threads=1, model_name="m", precision="bf16")
+    assert next(bf16_scorer.classifier.parameters()).dtype == torch.bfloat16
+    bf16 = bf16_scorer(batch)
+    p32, p16 = fp32["p_spam"].to_numpy(), bf16["p_spam"].to_numpy()
+    assert 0 < abs(p32 - p16).max() < 0.02  # bf16 really ran, and stayed close
+    confident = abs(p32 - 0.5) > 0.02
+    assert (fp32["label"].to_numpy()[confident] == bf16["label"].to_numpy()[confident]).all()
 
 
 def test_incremental_runs_score_only_new_or_changed_files(ray_local, model_url, sms_messages, tmp_path):

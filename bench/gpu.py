@@ -26,10 +26,11 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tenso
 
 
 def synchronized_seconds(function) -> float:
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     start = time.perf_counter()
     function()
-    torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - start
 
 
@@ -78,6 +79,30 @@ def scoring(texts: list[str], peak: float) -> None:
           f"max |p| difference {np.abs(bf16 - fp32).max():.4f}")
 
 
+def replica_scoring(texts: list[str], peak: float, preset: str = "gpt2-small") -> None:
+    """What a scoring replica does with the pipeline's GPU defaults: Arrow batches of
+    RAY_BATCH_ROWS["gpu"] rows in, probabilities and labels out, precision "auto" (bf16)."""
+    import tempfile
+
+    import pyarrow as pa
+
+    from spamray.score import RAY_BATCH_ROWS, Scorer, tokenize_batch
+
+    torch.manual_seed(0)
+    folder = tempfile.mkdtemp() + "/model"
+    TextClassifier.from_gpt2(GPTModel(preset_config(preset)), ["not spam", "spam"]).save(folder)
+    replica = Scorer(folder, threads=os.cpu_count(), model_name="bench", precision="auto")
+    rows = RAY_BATCH_ROWS["gpu" if torch.cuda.is_available() else "cpu"]
+    batches = [tokenize_batch(pa.table({"text": texts[start:start + rows], "status": pa.nulls(len(texts[start:start + rows]), pa.string())}),
+                              replica.classifier.max_length, keep_text=False) for start in range(0, len(texts), rows)]
+    flops = forward_flops(replica.classifier.cfg, [n for batch in batches for n in batch["n_tokens"].to_pylist()])
+    replica(batches[0])  # warm-up
+    seconds = min(synchronized_seconds(lambda: [replica(batch) for batch in batches]) for _ in range(3))
+    dtype = next(replica.classifier.parameters()).dtype
+    print(f"  scoring replica ({dtype}, Arrow batches of {rows:,} rows, tokenized beforehand): "
+          f"{len(texts) / seconds:>10,.0f} msgs/s, MFU {flops / seconds / peak:.1%}")
+
+
 def training_epoch() -> None:
     frame = read_labelled("sms")
     frame = frame.assign(label=(frame["label"] == "spam").astype("int64"))
@@ -112,6 +137,7 @@ def main() -> None:
     print(f"{name}, torch {torch.__version__}; measured bf16 8192^3 matmul: {measured_matmul_rate() / 1e12:.0f} TFLOP/s")
     texts = read_labelled("sms")["text"].tolist() * 8
     scoring(texts, peak)
+    replica_scoring(texts, peak)
     training_epoch()
 
 

@@ -19,7 +19,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
         meta, kind = dict(field.metadata), hints[field.name]
         inner = [arg for arg in typing.get_args(kind) if arg is not type(None)]
         base = inner[0] if inner else kind
-        options = {"help": meta.get("help", "")}
+        options = {"help": meta.get("help", "").replace("%", "%%")}  # argparse formats help with %
         if "choices" in meta:
             options["choices"] = meta["choices"]
         if meta.get("positional"):

@@ -20,6 +20,8 @@ def required(help: str, **extra):
     return field(metadata={"help": help, "required": True, **extra})
 
 
+PRECISIONS = ("auto", "fp32", "bf16")  # scoring replicas: see spamray.score.resolve_precision
+
 @dataclass
 class PrepareConfig:
     output: str = required("folder or URL for train/validation/test Parquet and labels.json")
@@ -107,7 +109,7 @@ class ScoreConfig:
                                     "16384 on GPUs); a replica groups them by length, so larger batches pad less")
     precision: str = option("auto", "weights and activations of the replicas: auto (bf16 on GPUs, where its "
                             "labels match fp32's on 99.75% of messages measured; fp32 on CPUs), fp32, bf16",
-                            choices=["auto", "fp32", "bf16"])
+                            choices=list(PRECISIONS))
     read_batch_rows: int = option(65536, "rows per block when reading a file")
     fail_once_at_batch: int | None = option(None, "fault drill: a replica dies once at this batch")
 

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import saved, storage
-from .config import ScoreConfig
+from .config import PRECISIONS, ScoreConfig
 from .inputs import check_columns, list_input_files, read_chunks
 from .scores_folder import ScoresFolder, audit_staged, build_manifest, new_run_id, plan_run
 from .tokenizer import get_tokenizer
@@ -179,8 +179,8 @@ def score(cfg: ScoreConfig, log=print) -> dict:
 def resolve_precision(precision: str, on_gpu: bool) -> str:
     """`auto` is bf16 on a GPU (tensor cores; labels as fp32's on 99.75% of messages measured) and
     fp32 on a CPU (without bf16 matrix units, bf16 only adds conversions there)."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"unknown precision {precision!r}; choose auto, fp32 or bf16")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
     return ("bf16" if on_gpu else "fp32") if precision == "auto" else precision
 
 

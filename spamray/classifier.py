@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +32,11 @@ GPU_BATCH_BUDGET = (65536, 2048)
 TRAINABLE_POLICIES = ("head", "last_block", "last_n_blocks:K", "all", "lora:RANK")
 
 
+def probability_column(label: str) -> str:
+    """`p_spam` for "spam", `p_not_spam` for "not spam": the scores column of each class."""
+    return "p_" + re.sub(r"\W+", "_", label.strip().lower()).strip("_")
+
+
 @dataclass(frozen=True)
 class Prediction:
     label: str
@@ -44,6 +50,12 @@ class TextClassifier(nn.Module):
         labels = [str(label) for label in labels]
         if len(labels) < 2 or len(set(labels)) != len(labels):
             raise ValueError(f"a classifier needs at least two distinct labels, got {labels}")
+        columns = [probability_column(label) for label in labels]
+        clash = next((label for label, column in zip(labels, columns) if columns.count(column) > 1), None)
+        if clash is not None:
+            same = [label for label, column in zip(labels, columns) if column == probability_column(clash)]
+            raise ValueError(f"labels {same} would share the output column {probability_column(clash)!r}; "
+                             "rename one so that each label keeps its own probability column")
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
         max_length = max_length or gpt.cfg.context_length

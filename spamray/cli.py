@@ -17,8 +17,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
     hints = typing.get_type_hints(config_class)
     for field in dataclasses.fields(config_class):
         meta, kind = dict(field.metadata), hints[field.name]
-        inner = [arg for arg in typing.get_args(kind) if arg is not type(None)]
-        base = inner[0] if inner else kind
+        optional = type(None) in typing.get_args(kind)  # `X | None`: the option's type is X
+        base = next(arg for arg in typing.get_args(kind) if arg is not type(None)) if optional else kind
         options = {"help": meta.get("help", "").replace("%", "%%")}  # argparse formats help with %
         if "choices" in meta:
             options["choices"] = meta["choices"]
@@ -90,11 +90,16 @@ def run_classify(cfg: ClassifyConfig) -> None:
                           "probs": prediction.probs}, ensure_ascii=False))
 
 
-def run_score(cfg: ScoreConfig) -> None:
+def run_score(cfg: ScoreConfig) -> int:
     from .score import score
 
     start_ray()
-    score(cfg)
+    failed = score(cfg)["files_failed"]
+    if failed:  # the other files are committed; a scheduler must still see that this night was not whole
+        print(f"spamray score: error: {len(failed)} input file(s) could not be read: {', '.join(failed)}; "
+              "the other files were committed, and the next run tries these again", file=sys.stderr)
+        return 1
+    return 0
 
 
 def run_demo(cfg: DemoConfig) -> None:
@@ -104,12 +109,13 @@ def run_demo(cfg: DemoConfig) -> None:
     demo(cfg)
 
 
+# Each verb's function returns its exit status (None means 0).
 VERBS: dict[str, tuple[type, Callable, str]] = {
     "prepare": (PrepareConfig, run_prepare, "read, balance and split labelled messages (the book's procedure)"),
     "train": (TrainConfig, run_train, "fine-tune GPT-2 into a classifier with Ray Train"),
     "evaluate": (EvaluateConfig, run_evaluate, "accuracy, precision, recall, F1 and confusion matrix"),
     "classify": (ClassifyConfig, run_classify, "label a few messages (one JSON line each)"),
-    "score": (ScoreConfig, run_score, "score Parquet/CSV archives with Ray Data"),
+    "score": (ScoreConfig, run_score, "score Parquet/CSV archives with Ray Data into a Delta Lake table"),
     "demo": (DemoConfig, run_demo, "offline end to end: prepare, train a small GPT-2 from random weights, "
              "evaluate, score"),
 }
@@ -130,12 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config_class, run, _ = VERBS[args.verb]
     try:
-        run(config_from_args(config_class, args))
+        return run(config_from_args(config_class, args)) or 0
     except USER_ERRORS as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"spamray {args.verb}: error: {message}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ class ClassifyConfig:
 class ScoreConfig:
     model: str = required("saved classifier folder or URL")
     input: str = required("Parquet/CSV file, folder or glob, local or any fsspec URL")
-    output: str = required("output folder or URL for Parquet predictions")
+    output: str = required("Delta Lake table for the predictions: a path or URL (s3://, gs://, az://, file://)")
     text_column: str = option("text", "column holding the message text")
     id_column: str | None = option(None, "column that identifies a message (carried through)")
     keep: list[str] = option([], "more input columns to carry into the output", nargs="*")
@@ -111,6 +111,9 @@ class ScoreConfig:
                             "labels match fp32's on 99.75% of messages measured; fp32 on CPUs), fp32, bf16",
                             choices=list(PRECISIONS))
     read_batch_rows: int = option(65536, "rows per block when reading a file")
+    retention_hours: float = option(168.0, "after each commit, vacuum deletes files that no table version still "
+                                    "needs (a killed run's, replaced ones) once older than this; keep it longer "
+                                    "than the longest run, whose files are unreferenced until it commits")
     fail_once_at_batch: int | None = option(None, "fault drill: a replica dies once at this batch")
 
 

@@ -2,6 +2,12 @@
 
 Every row read carries `source_file` and `source_row` (0-based row in that file), so each output
 row traces back to its input and the commit step can prove that every row came through once.
+
+A nightly archive holds more than clean data files: files still being written, empty ones, the
+odd compressed dump, temporary folders of other jobs. None of them may wedge a run or vanish
+unnoticed: a file spamray does not read is listed as skipped with the reason, and a file that
+fails to read becomes a `read_error` row that names it, so the run can commit the other files
+and still report the failure.
 """
 
 from __future__ import annotations
@@ -18,7 +24,11 @@ import pyarrow.parquet as pq
 from . import storage
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "tsv"}
+# CSV/TSV dumps are often compressed whole; Parquet compresses inside the file.
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz"}
 STATUS_UNDECODABLE = "undecodable"
+STATUS_READ_ERROR = "read_error"
+HIDDEN_PREFIXES = ("_", ".")  # _temporary/, _SUCCESS, .staging: other jobs' bookkeeping, never data
 
 
 @dataclass(frozen=True)
@@ -29,60 +39,134 @@ class InputFile:
 
     @property
     def format(self) -> str:
-        return file_format(self.url)
+        return file_format(self.url)[0]
+
+    @property
+    def compression(self) -> str | None:
+        return file_format(self.url)[1]
 
 
-def file_format(url: str) -> str:
-    for suffix, name in FORMATS.items():
-        if url.lower().endswith(suffix):
-            return name
-    raise ValueError(f"{url}: unknown file type; spamray reads {', '.join(FORMATS)} files")
+@dataclass(frozen=True)
+class SkippedFile:
+    url: str
+    reason: str
 
 
-def list_input_files(url: str) -> list[InputFile]:
-    """The data files behind a file, folder or glob (hidden and `_`-prefixed names skipped)."""
+def file_format(url: str) -> tuple[str, str | None]:
+    """(format, compression) from the file name: `a.csv.gz` is ("csv", "gzip")."""
+    name = url.lower()
+    compression = next((codec for suffix, codec in COMPRESSIONS.items() if name.endswith(suffix)), None)
+    if compression:
+        name = name.rsplit(".", 1)[0]
+    for suffix, kind in FORMATS.items():
+        if name.endswith(suffix) and not (compression and kind == "parquet"):
+            return kind, compression
+    readable = ", ".join([*FORMATS, *(f".csv{s}" for s in COMPRESSIONS)])
+    raise ValueError(f"{url}: not a file type spamray reads ({readable}, and .tsv likewise)")
+
+
+def list_input_files(url: str, exclude: str | None = None) -> tuple[list[InputFile], list[SkippedFile]]:
+    """The data files behind a file, folder or glob, and every other file found there with the
+    reason it is not read: hidden or temporary paths, unknown types, the `exclude` folder (the
+    output table, when it sits under the input path)."""
     fs, path = storage.url_to_fs(url)
-    if any(char in path for char in "*?["):
-        paths = fs.glob(path)
+    glob_at = min((path.find(char) for char in "*?[" if char in path), default=-1)
+    if glob_at >= 0:
+        base, paths = path[:path.rfind("/", 0, glob_at) + 1], fs.glob(path)
     elif fs.isdir(path):
-        paths = fs.find(path)
+        base, paths = path.rstrip("/") + "/", fs.find(path)
     elif fs.exists(path):
-        paths = [path]
+        file_format(url)  # a single file named explicitly must be readable: fail now, not later
+        base, paths = "", [path]
     else:
         raise FileNotFoundError(f"input {url} does not exist (or cannot be read with the credentials at hand)")
-    paths = sorted(p for p in paths if not any(part.startswith(("_", ".")) for part in p.split("/")[-1:])
-                   and p.lower().endswith(tuple(FORMATS)))
-    if not paths:
-        raise FileNotFoundError(f"input {url} holds no {', '.join(FORMATS)} files")
+    excluded = storage.url_to_fs(exclude)[1].rstrip("/") + "/" if exclude else None
     local = storage.is_local(url)
-    files = []
-    for p in paths:
+    files, skipped, skipped_table = [], [], False
+    for p in sorted(paths):
+        name = p if local else fs.unstrip_protocol(p)
+        if excluded and (p + "/").startswith(excluded):
+            skipped_table = True
+            continue
+        if any(part.startswith(HIDDEN_PREFIXES) for part in p[len(base):].split("/")):
+            skipped.append(SkippedFile(name, "hidden or temporary path (a name starting with '_' or '.')"))
+            continue
+        try:
+            file_format(p)
+        except ValueError as error:
+            skipped.append(SkippedFile(name, str(error).split(": ", 1)[1]))
+            continue
         info = fs.info(p)
         version = next((str(info[key]) for key in ("ETag", "etag", "mtime", "LastModified", "updated") if info.get(key)), "")
-        files.append(InputFile(url=p if local else fs.unstrip_protocol(p), size=int(info.get("size") or 0), version=version))
-    return files
+        files.append(InputFile(url=name, size=int(info.get("size") or 0), version=version))
+    if skipped_table:
+        skipped.append(SkippedFile(exclude, "the output table itself, under the input path"))
+    if not files:
+        raise FileNotFoundError(f"input {url} holds no {', '.join(FORMATS)} files"
+                                + (f" ({len(skipped)} other files skipped)" if skipped else ""))
+    return files, skipped
 
 
-def file_columns(file: InputFile) -> list[str]:
-    fs, path = storage.url_to_fs(file.url)
-    with fs.open(path, "rb") as handle:
+def open_input(url: str):
+    """A binary file object of the (decompressed) file."""
+    fs, path = storage.url_to_fs(url)
+    return fs.open(path, "rb", compression=file_format(url)[1])
+
+
+def file_schema(file: InputFile) -> pa.Schema:
+    with open_input(file.url) as handle:
         if file.format == "parquet":
-            return pq.read_schema(handle).names
-        reader = pacsv.open_csv(handle, parse_options=_parse_options(file.format))
-        return reader.schema.names
+            return pq.read_schema(handle)
+        return pacsv.open_csv(handle, parse_options=_parse_options(file.format)).schema
 
 
-def check_columns(files: list[InputFile], needed: list[str]) -> None:
-    """Fails before any work starts if a file lacks a needed column, naming file and columns."""
+def check_inputs(files: list[InputFile], text_column: str, carried: list[str]) -> tuple[dict[str, pa.DataType], dict[str, str]]:
+    """Before any work: (the output type of each carried column, files that cannot be read -> why).
+
+    A file without a needed column fails the run at once (the options are wrong, not the file);
+    a file that cannot be opened is reported and left out, and the others go on. CSV columns are
+    text; a Parquet column keeps its type, made one that Delta tables hold, and must have that
+    type in every file.
+    """
+    types: dict[str, tuple[pa.DataType, str]] = {}
+    unreadable: dict[str, str] = {}
     for file in files:
         try:
-            columns = file_columns(file)
-        except (OSError, pa.ArrowInvalid) as error:
-            raise ValueError(f"{file.url} cannot be read as {file.format}: {error}") from error
-        missing = [column for column in needed if column not in columns]
+            schema = file_schema(file)
+        except Exception as error:  # a broken file of any kind: reported, never the whole run
+            unreadable[file.url] = f"cannot be read as {file.format}: {error}"
+            continue
+        missing = [column for column in [text_column, *carried] if column not in schema.names]
         if missing:
-            raise ValueError(f"{file.url} has no column {missing[0]!r}; its columns are {columns}. "
+            raise ValueError(f"{file.url} has no column {missing[0]!r}; its columns are {schema.names}. "
                              "Name the right one with --text-column / --id-column / --keep.")
+        for column in carried:
+            kind = delta_type(schema.field(column).type) if file.format == "parquet" else pa.string()
+            first = types.setdefault(column, (kind, file.url))
+            if first[0] != kind:
+                raise ValueError(f"column {column!r} is {first[0]} in {first[1]} but {kind} in {file.url}; "
+                                 "an output column needs one type (rewrite one file, or leave the column out)")
+    return {column: kind for column, (kind, _) in types.items()}, unreadable
+
+
+def delta_type(kind: pa.DataType) -> pa.DataType:
+    """The type a Delta table stores a column of Arrow type `kind` as (no unsigned integers,
+    microsecond timestamps, no large or dictionary variants)."""
+    if pa.types.is_dictionary(kind):
+        return delta_type(kind.value_type)
+    if pa.types.is_large_string(kind) or pa.types.is_null(kind) or getattr(pa.types, "is_string_view", lambda _: False)(kind):
+        return pa.string()
+    if pa.types.is_large_binary(kind):
+        return pa.binary()
+    if pa.types.is_unsigned_integer(kind):
+        return pa.int64()
+    if pa.types.is_float16(kind):
+        return pa.float32()
+    if pa.types.is_timestamp(kind):
+        return pa.timestamp("us", tz=kind.tz)
+    if pa.types.is_date64(kind):
+        return pa.date32()
+    return kind
 
 
 def _parse_options(file_format: str) -> pacsv.ParseOptions:
@@ -90,23 +174,34 @@ def _parse_options(file_format: str) -> pacsv.ParseOptions:
     return pacsv.ParseOptions(delimiter="\t" if file_format == "tsv" else ",", newlines_in_values=True)
 
 
-def read_chunks(file_url: str, text_column: str, carried: list[str], chunk_rows: int) -> Iterator[pa.Table]:
+def read_chunks(file_url: str, text_column: str, carried: dict[str, pa.DataType], chunk_rows: int) -> Iterator[pa.Table]:
     """The file's rows in chunks: `text` (string, null where absent or undecodable), `status`
-    ("undecodable" or null), the carried columns, `source_file`, `source_row`."""
-    fs, path = storage.url_to_fs(file_url)
-    file_kind = file_format(file_url)
+    ("undecodable" or null), the carried columns, `source_file`, `source_row`, `read_error`.
+
+    A file that fails part way ends with one row of status "read_error" whose `read_error` says
+    why; the scoring run then commits none of that file's rows and reports it."""
     first_row = 0
-    with fs.open(path, "rb") as handle:
-        for batch in _record_batches(handle, file_kind, [text_column, *carried], chunk_rows):
-            if batch.num_rows == 0:
-                continue
-            text, status = decode_text(batch.column(text_column))
-            columns = {"text": text, "status": status}
-            columns.update({name: batch.column(name) for name in carried if name != "text"})
-            columns["source_file"] = pa.array([file_url] * batch.num_rows, pa.string())
-            columns["source_row"] = pa.array(np.arange(first_row, first_row + batch.num_rows, dtype=np.int64))
-            first_row += batch.num_rows
-            yield pa.table(columns)
+    try:
+        with open_input(file_url) as handle:
+            for batch in _record_batches(handle, file_format(file_url)[0], [text_column, *carried], chunk_rows):
+                if batch.num_rows == 0:
+                    continue
+                text, status = decode_text(batch.column(text_column))
+                columns = {"text": text, "status": status}
+                columns.update({name: batch.column(name).cast(kind) for name, kind in carried.items() if name != "text"})
+                yield _with_source(columns, file_url, np.arange(first_row, first_row + batch.num_rows), None)
+                first_row += batch.num_rows
+    except Exception as error:  # any failure, named with the file; see the docstring
+        columns = {"text": pa.nulls(1, pa.string()), "status": pa.array([STATUS_READ_ERROR])}
+        columns.update({name: pa.nulls(1, kind) for name, kind in carried.items() if name != "text"})
+        yield _with_source(columns, file_url, np.array([-1]), f"{type(error).__name__}: {error}")
+
+
+def _with_source(columns: dict, file_url: str, rows: np.ndarray, error: str | None) -> pa.Table:
+    columns["source_file"] = pa.array([file_url] * len(rows), pa.string())
+    columns["source_row"] = pa.array(rows.astype(np.int64))
+    columns["read_error"] = pa.array([error] * len(rows), pa.string())
+    return pa.table(columns)
 
 
 def _record_batches(handle, file_kind: str, columns: list[str], chunk_rows: int) -> Iterator[pa.RecordBatch]:
@@ -114,13 +209,15 @@ def _record_batches(handle, file_kind: str, columns: list[str], chunk_rows: int)
     if file_kind == "parquet":
         yield from pq.ParquetFile(handle).iter_batches(batch_size=chunk_rows, columns=columns)
         return
-    # The text is read as bytes so that one bad byte sequence marks one row, not the whole file.
+    # The text is read as bytes so that one bad byte sequence marks one row, not the whole file;
+    # other columns as text, whatever they look like, so that every file gives them one type.
     reader = pacsv.open_csv(
         handle,
         read_options=pacsv.ReadOptions(block_size=1 << 22),
         parse_options=_parse_options(file_kind),
-        convert_options=pacsv.ConvertOptions(include_columns=columns, column_types={columns[0]: pa.binary()},
-                                             strings_can_be_null=False, quoted_strings_can_be_null=False),
+        convert_options=pacsv.ConvertOptions(
+            include_columns=columns, column_types={name: pa.binary() if i == 0 else pa.string() for i, name in enumerate(columns)},
+            strings_can_be_null=False, quoted_strings_can_be_null=False),
     )
     for batch in reader:
         for start in range(0, batch.num_rows, chunk_rows):

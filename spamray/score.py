@@ -3,14 +3,15 @@
     input files --read (one task per file, streamed in chunks)--> rows with source_file/source_row
       --tokenize (CPU map_batches: status, truncation, token ids)-->
       --score (actor pool of model replicas, one GPU each where there are GPUs)-->
-      --write_parquet into staging--> verify every row once --> commit (see scores_folder)
+      --write (tasks: Parquet files into the Delta table's folder, one per input file per batch)-->
+    driver: verify every row once --> one Delta commit (see scores_table) --> vacuum
 """
 
 from __future__ import annotations
 
 import os
-import re
 import time
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 import numpy as np
@@ -18,23 +19,45 @@ import pyarrow as pa
 
 from . import saved, storage
 from .config import PRECISIONS, ScoreConfig
-from .inputs import check_columns, list_input_files, read_chunks
-from .scores_folder import ScoresFolder, audit_staged, build_manifest, new_run_id, plan_run
+from .classifier import probability_column
+from .inputs import InputFile, check_inputs, list_input_files, read_chunks
+from .scores_table import (PARTITIONS, RunOutput, ScoresTable, TableState, audit_written, new_run_id, plan_inputs,
+                           table_schema, write_data_files, write_file, written_files)
 from .tokenizer import get_tokenizer
 
 SCOREABLE = ("ok", "truncated")
-# Ray Data gathers a replica's output into blocks of up to this size before it writes them out.
-# Its default (128 MiB) would gather a whole input file, so memory would grow with file size;
-# 4 MiB (about 28,000 scored rows) keeps it flat and still makes output files of a useful size.
+# Ray Data gathers a replica's output into blocks of up to this size before they move on to the
+# writers. Its default (128 MiB) would gather a whole input file, so memory would grow with file
+# size; 4 MiB (about 28,000 scored rows) keeps it flat.
 OUTPUT_BLOCK_BYTES = 4 << 20
 # Rows per batch a replica receives when --batch-size is not given: enough for it to group them
 # by length with little padding, and on a GPU enough to fill its model batches (GPU_BATCH_BUDGET).
 RAY_BATCH_ROWS = {"cpu": 1024, "gpu": 16384}
+# Rows a writer task gathers before it writes them, one Parquet file per input file among them:
+# files of a useful size for readers, memory bounded per task.
+WRITE_BATCH_ROWS = 32768
+# Columns that travel through the pipeline but are not output.
+INTERNAL_COLUMNS = {"token_ids", "read_error"}
 
 
-def probability_column(label: str) -> str:
-    """`p_spam` for "spam", `p_not_spam` for "not spam": a column name for each class."""
-    return "p_" + re.sub(r"\W+", "_", label.strip().lower()).strip("_")
+def output_schema(carried: dict[str, pa.DataType], keep_text: bool, labels: list[str]) -> pa.Schema:
+    """The columns of the data files (the table adds its partition columns, see scores_table)."""
+    fields = [pa.field(name, kind) for name, kind in carried.items() if name != "text"]
+    if keep_text:
+        fields.append(pa.field("text", pa.string()))
+    fields += [pa.field("source_row", pa.int64()), pa.field("status", pa.string()), pa.field("n_tokens", pa.int32()),
+               pa.field("label", pa.string()), pa.field("label_id", pa.int64())]
+    fields += [pa.field(probability_column(label), pa.float32()) for label in labels]
+    return pa.schema(fields + [pa.field("model", pa.string()), pa.field("scored_at", pa.timestamp("us", tz="UTC"))])
+
+
+def check_output_names(carried: list[str], labels: list[str]) -> None:
+    """An input column carried into the output must not take the name of one the output writes."""
+    taken = set(output_schema({}, False, labels).names) | set(PARTITIONS) | INTERNAL_COLUMNS
+    for column in carried:
+        if column in taken:
+            raise ValueError(f"--keep/--id-column {column!r}: the scores output writes a column of that name itself; "
+                             "rename the input column, or leave it out")
 
 
 def tokenize_batch(batch: pa.Table, max_length: int, keep_text: bool) -> pa.Table:
@@ -113,67 +136,140 @@ class Scorer:
 
 
 def score(cfg: ScoreConfig, log=print) -> dict:
-    """Scores `cfg.input` into `cfg.output`; returns the run summary."""
-    import ray
-    import ray.data
-
+    """Scores `cfg.input` into the Delta table `cfg.output`; returns the run summary. Files that
+    could not be read are in `files_failed` (the others are committed)."""
     started = time.time()
     metadata = saved.read_metadata(cfg.model)  # a model that cannot load fails before any work
     if not storage.exists(storage.join(cfg.model, metadata["weights"]["file"])):
         raise saved.SavedClassifierError(f"{cfg.model} is incomplete: {metadata['weights']['file']} is missing")
     model_version, labels, max_length = metadata["weights"]["sha256"][:16], metadata["labels"], metadata["max_length"]
-    files = list_input_files(cfg.input)
-    carried_columns = [c for c in [cfg.id_column, *cfg.keep] if c and c != cfg.text_column]
-    check_columns(files, [cfg.text_column, *carried_columns])
-
-    folder = ScoresFolder(cfg.output)
-    folder.recover(log)
-    manifest = folder.read_manifest()
-    to_score, carried, dropped = plan_run(manifest, files, model_version, cfg.incremental, cfg.overwrite, log)
-    run_id = new_run_id()
-    summary = {"run_id": run_id, "output": cfg.output, "files_seen": len(files), "files_scored": len(to_score),
-               "rows_read": 0, "rows_written": 0, "rows_per_status": {}, "rows_per_label": {}}
-    if not to_score:
-        log(f"nothing new to score in {cfg.input} ({len(files)} files already scored with model {model_version})")
-        return {**summary, "seconds": time.time() - started, "rows_per_second": 0.0}
-
+    carried_columns = [c for c in dict.fromkeys([cfg.id_column, *cfg.keep]) if c and c != cfg.text_column]
+    check_output_names(carried_columns, labels)
+    table = ScoresTable(cfg.output)
+    files, skipped = list_input_files(cfg.input, exclude=table.url)
+    carried_types, failed = check_inputs(files, cfg.text_column, carried_columns)
     keep_text = "text" in cfg.keep or cfg.text_column in cfg.keep
+    data_schema = output_schema(carried_types, keep_text, labels)
+    state = table.read_state()
+    table.check_columns(state, table_schema(data_schema))
+    mode = "incremental" if cfg.incremental else "overwrite" if cfg.overwrite else "create"
+    run = Run(new_run_id(), table, state, plan_inputs(state, [f for f in files if f.url not in failed], model_version, mode),
+              mode, model_version, max_length, carried_types, keep_text, data_schema)
+    summary = {"run_id": run.run_id, "output": table.url, "table_version": state.version, "files_seen": len(files),
+               "files_scored": 0, "files_already_scored": 0, "files_failed": failed,
+               "files_skipped": [asdict(f) for f in skipped], "rows_read": 0, "rows_written": 0,
+               "rows_per_status": {}, "rows_per_label": {}, "data_files_added": 0, "data_files_removed": 0,
+               "bytes_written": 0}
+    for file in skipped:
+        log(f"skipped {file.url}: {file.reason}")
+    if run.to_score:
+        score_into_table(cfg, run, summary, log)
+    else:
+        log(f"nothing new to score in {cfg.input} ({len(files) - len(failed)} readable files already scored "
+            f"with model {model_version})")
+    for url, error in summary["files_failed"].items():
+        log(f"FAILED {url}: {error} (nothing of it committed; the next run tries it again)")
+    elapsed = time.time() - started
+    summary.update(seconds=elapsed, rows_per_second=summary["rows_written"] / elapsed)
+    log(format_summary(summary))
+    return summary
+
+
+@dataclass
+class Run:
+    """What the driver settled before any Ray work."""
+
+    run_id: str
+    table: ScoresTable
+    state: TableState
+    to_score: list[InputFile]
+    mode: str  # see scores_table.RunOutput
+    model_version: str
+    max_length: int
+    carried_types: dict[str, pa.DataType]
+    keep_text: bool
+    data_schema: pa.Schema
+
+
+def score_into_table(cfg: ScoreConfig, run: Run, summary: dict, log) -> None:
+    """Runs the pipeline over `run.to_score`, audits what it wrote, commits it; updates `summary`."""
+    table, schema = run.table, table_schema(run.data_schema)
+    if run.state.version is None:
+        table.create(schema)
+        run.state = table.read_state()
+        table.check_columns(run.state, schema)
+    dataset, precision = scoring_pipeline(cfg, run)
+    log(f"scoring {len(run.to_score)} of {summary['files_seen']} files from {cfg.input} with {cfg.model} "
+        f"({run.model_version}), {cfg.replicas} replica(s), {precision}, into {table.url}")
+    try:
+        files, read_errors = written_files(dataset.take_all())
+        summary["files_failed"].update(read_errors)
+        scored = [f for f in run.to_score if f.url not in read_errors]
+        for file in scored:  # an input with no rows still gets its (empty) file: the log records it as scored
+            if file.url not in files:
+                files[file.url] = [write_file(table.fs, table.path, run.run_id, run.data_schema.empty_table(), file.url)]
+        audit = audit_written(table.fs, table.path, files, scored)
+        output = RunOutput(run.run_id, run.model_version, run.mode, {f.url: f for f in scored},
+                           {f.url: files[f.url] for f in scored}, failed=set(summary["files_failed"]))
+        record = {"spamray": {"run_id": run.run_id, "model": cfg.model, "model_version": run.model_version,
+                              "precision": precision, "files_scored": len(scored), "rows": audit.rows_written,
+                              "files_failed": summary["files_failed"]}}
+        result = table.commit(run.state, output, schema, record, log)
+    finally:
+        storage.remove(fault_marker(run))
+        # This run's files that no commit names (all of them if it failed; those of unreadable
+        # inputs, of retried tasks, of inputs another run committed first): nothing will read them.
+        table.delete(table.own_files(run.run_id), table.read_state())
+    added = [f for url in result.plan.adds for f in output.files[url]]
+    summary.update(table_version=result.version, files_scored=len(result.plan.adds),
+                   files_already_scored=len(result.plan.already_scored), precision=precision,
+                   rows_read=sum(audit.rows_per_file[url] for url in result.plan.adds),
+                   rows_written=sum(f.rows for f in added), bytes_written=sum(f.bytes for f in added),
+                   data_files_added=len(added), data_files_removed=len(result.plan.removes),
+                   rows_per_status=dict(audit.rows_per_status), rows_per_label=dict(audit.rows_per_label))
+    if result.plan.already_scored:
+        log(f"{len(result.plan.already_scored)} file(s) were committed meanwhile by another run with the same model; "
+            "this run's copies were dropped")
+    try:
+        removed = table.vacuum(cfg.retention_hours)
+        if removed:
+            log(f"vacuum: deleted {len(removed)} files no longer in the table and older than {cfg.retention_hours:g} h")
+    except Exception as error:  # the rows are committed; a cleanup that failed is retried by the next run
+        log(f"warning: vacuum of {table.url} failed ({error}); the next run tries again")
+
+
+def scoring_pipeline(cfg: ScoreConfig, run: Run):
+    """(the Ray Data pipeline: read -> tokenize -> score -> write, the replicas' precision)."""
+    import ray
+    import ray.data
+
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     batch_rows = cfg.batch_size or RAY_BATCH_ROWS["gpu" if use_gpu else "cpu"]
     precision = resolve_precision(cfg.precision, use_gpu)
     reserved_cpus = replica_cpu_reservation(cfg.replicas, cfg.cpus_per_replica, ray.cluster_resources().get("CPU", 1))
-    staging = folder.staging_url(run_id)
     dataset = (
-        ray.data.from_items([{"path": f.url} for f in to_score], override_num_blocks=len(to_score))
+        ray.data.from_items([{"path": f.url} for f in run.to_score], override_num_blocks=len(run.to_score))
         .map_batches(_read_files, batch_size=1, batch_format="pyarrow",
-                     fn_kwargs={"text_column": cfg.text_column, "carried": carried_columns, "chunk_rows": cfg.read_batch_rows})
+                     fn_kwargs={"text_column": cfg.text_column, "carried": run.carried_types,
+                                "chunk_rows": cfg.read_batch_rows})
         .map_batches(tokenize_batch, batch_size=batch_rows * 4, batch_format="pyarrow",
-                     fn_kwargs={"max_length": max_length, "keep_text": keep_text})
+                     fn_kwargs={"max_length": run.max_length, "keep_text": run.keep_text})
         .map_batches(Scorer, batch_size=batch_rows, batch_format="pyarrow",
                      compute=ray.data.ActorPoolStrategy(size=cfg.replicas),
                      num_cpus=reserved_cpus, num_gpus=1 if use_gpu else 0,
                      fn_constructor_kwargs={"model_url": cfg.model, "threads": cfg.cpus_per_replica,
                                             "model_name": cfg.model, "precision": precision,
                                             "fail_once_at_batch": cfg.fail_once_at_batch,
-                                            "fault_marker": f"{staging}.fault-drill"})
+                                            "fault_marker": fault_marker(run)})
+        .map_batches(write_data_files, batch_size=WRITE_BATCH_ROWS, batch_format="pyarrow",
+                     fn_kwargs={"table_url": run.table.url, "run_id": run.run_id, "data_schema": run.data_schema})
     )
     dataset.context.target_max_block_size = OUTPUT_BLOCK_BYTES
-    log(f"scoring {len(to_score)} of {len(files)} files from {cfg.input} with {cfg.model} ({model_version}), "
-        f"{cfg.replicas} replica(s){' on GPUs' if use_gpu else ''}, {precision}")
-    dataset.write_parquet(staging)
-    audit = audit_staged(folder.fs, folder.staging_path(run_id), to_score)
-    summary.update(rows_read=sum(audit.rows_per_file.values()), rows_written=audit.rows_written,
-                   rows_per_status=dict(audit.rows_per_status), rows_per_label=dict(audit.rows_per_label))
-    run = {"run_id": run_id, "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
-           "finished_at": datetime.now(timezone.utc).isoformat(), "files_scored": [f.url for f in to_score],
-           "rows": summary["rows_written"], "precision": precision}
-    folder.commit(run_id, build_manifest(manifest, carried, to_score, audit.rows_per_file, run, cfg.model,
-                                         model_version, labels), carried, dropped)
-    storage.remove(f"{staging}.fault-drill")
-    elapsed = time.time() - started
-    summary.update(seconds=elapsed, rows_per_second=summary["rows_written"] / elapsed)
-    log(format_summary(summary))
-    return summary
+    return dataset, precision
+
+
+def fault_marker(run: Run) -> str:
+    return f"{run.table.url}.fault-drill-{run.run_id}"
 
 
 def resolve_precision(precision: str, on_gpu: bool) -> str:
@@ -192,7 +288,7 @@ def replica_cpu_reservation(replicas: int, cpus_per_replica: int, cluster_cpus: 
     return float(min(cpus_per_replica, share)) if share >= 0.5 else 0.5
 
 
-def _read_files(batch: pa.Table, text_column: str, carried: list[str], chunk_rows: int):
+def _read_files(batch: pa.Table, text_column: str, carried: dict[str, pa.DataType], chunk_rows: int):
     for path in batch["path"].to_pylist():
         yield from read_chunks(path, text_column, carried, chunk_rows)
 
@@ -200,6 +296,8 @@ def _read_files(batch: pa.Table, text_column: str, carried: list[str], chunk_row
 def format_summary(summary: dict) -> str:
     statuses = ", ".join(f"{k} {v:,}" for k, v in sorted(summary["rows_per_status"].items()))
     labels = ", ".join(f"{k} {v:,}" for k, v in sorted(summary["rows_per_label"].items()) if k != "None")
-    return (f"scored {summary['files_scored']} of {summary['files_seen']} files: {summary['rows_read']:,} rows read, "
-            f"{summary['rows_written']:,} rows written ({statuses}); predicted {labels}; "
-            f"{summary['rows_per_second']:,.0f} rows/s; output in {summary['output']}")
+    failed = f"; {len(summary['files_failed'])} FAILED" if summary["files_failed"] else ""
+    skipped = f"; {len(summary['files_skipped'])} skipped" if summary["files_skipped"] else ""
+    return (f"scored {summary['files_scored']} of {summary['files_seen']} files{failed}{skipped}: "
+            f"{summary['rows_written']:,} rows committed ({statuses or 'none'}); predicted {labels or 'nothing'}; "
+            f"{summary['rows_per_second']:,.0f} rows/s; table {summary['output']} at version {summary['table_version']}")

@@ -17,7 +17,9 @@ from fsspec.implementations.local import LocalFileSystem
 
 
 def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(str(url))
+    # No cached listings: files appear while a run works (written by other processes, other runs),
+    # and a stale listing would hide them.
+    fs, path = fsspec.core.url_to_fs(str(url), use_listings_cache=False)
     return fs, path
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import os
+import uuid
 from importlib import resources
 from pathlib import Path
 
 import pytest
 import torch
+from loopback_s3 import start_s3_endpoint
 
 
 @pytest.fixture(scope="session")
@@ -43,8 +46,76 @@ def gpt2_small_hf_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the whole session (starting Ray costs seconds), shut down at the end."""
+def s3_endpoint():
+    """A real S3 HTTP endpoint on loopback (moto's server, which enforces conditional writes as
+    delta-rs needs). Its settings go into this process's environment, so Ray workers started
+    after it see them too."""
+    server, settings = start_s3_endpoint()
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    yield settings
+    server.terminate()
+    server.wait(timeout=30)
+    for name, value in saved.items():
+        os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+
+
+@pytest.fixture(scope="session")
+def model_url(tmp_path_factory) -> str:
+    """A saved spam classifier on the smallest preset (random weights): scoring tests' model."""
+    import spamray
+    from spamray import TextClassifier
+
+    torch.manual_seed(3)
+    folder = tmp_path_factory.mktemp("model") / "clf"
+    TextClassifier.from_gpt2(spamray.load_gpt2("random", "gpt2-tiny"), ["not spam", "spam"], max_length=96).save(str(folder))
+    return str(folder)
+
+
+class Place:
+    """A folder on local disk or a bucket on the loopback S3 endpoint: tests that must hold on
+    both take one of each."""
+
+    def __init__(self, url: str):
+        import fsspec
+
+        self.url = url.rstrip("/")
+        self.fs, self.path = fsspec.core.url_to_fs(self.url)
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.url, *parts])
+
+    def upload(self, local: Path, name: str) -> str:
+        """Copies a local file or folder here; returns its URL."""
+        target = f"{self.path}/{name}"
+        if Path(local).is_dir():
+            for file in sorted(p for p in Path(local).rglob("*") if p.is_file()):
+                self.fs.put_file(str(file), f"{target}/{file.relative_to(local).as_posix()}")
+        else:
+            self.fs.put_file(str(local), target)
+        return self.join(name)
+
+    def files(self, name: str, pattern: str = "*") -> list[str]:
+        return sorted(p.rsplit("/", 1)[-1] for p in self.fs.glob(f"{self.path}/{name}/{pattern}"))
+
+
+@pytest.fixture(params=["local", "s3"])
+def place(request, tmp_path) -> Place:
+    if request.param == "local":
+        (tmp_path / "place").mkdir()
+        return Place(str(tmp_path / "place"))
+    request.getfixturevalue("s3_endpoint")
+    import boto3
+
+    bucket = f"spamray-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return Place(f"s3://{bucket}")
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_endpoint):
+    """One local Ray for the whole session (starting Ray costs seconds), shut down at the end.
+    Started after the S3 endpoint, so that its workers reach it."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -14,3 +14,13 @@ def test_every_verb_prints_its_help(verb, capsys):
     assert text.startswith(f"usage: spamray {verb}")
     if verb == "score":  # a help text holding "%" once broke argparse's formatting
         assert "99.75%" in text and "--precision {auto,fp32,bf16}" in text
+
+
+def test_list_options_take_several_values_and_optional_ones_their_type():
+    from spamray.cli import build_parser, config_from_args
+    from spamray.config import ScoreConfig
+
+    args = build_parser().parse_args(["score", "--model", "m", "--input", "i", "--output", "o",
+                                      "--keep", "sender", "received_at", "--batch-size", "64"])
+    cfg = config_from_args(ScoreConfig, args)
+    assert cfg.keep == ["sender", "received_at"] and cfg.batch_size == 64 and cfg.retention_hours == 168.0

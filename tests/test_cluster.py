@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 import ray
+from spamray.scores_table import ScoresTable
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")
@@ -102,7 +103,8 @@ def test_train_and_score_jobs_on_a_real_head(loopback_head, prepared_sms, sms_me
                     "--output", str(scores), "--cpus-per-replica", "1")
     assert scored.returncode == 0, scored.stdout[-3000:] + scored.stderr[-3000:]
     assert job_status(address, env, "score-1") == "SUCCEEDED"
-    assert len(pd.read_parquet(scores)) == 500
+    frame = ScoresTable(str(scores)).read().to_pandas()
+    assert len(frame) == 500 and sorted(frame["source_row"]) == list(range(500))
 
     failed = submit(address, env, "score-bad", "jobs/score.py", "--model", str(model), "--input",
                     str(tmp_path / "no-such-archive"), "--output", str(tmp_path / "scores-2"))

@@ -1,10 +1,6 @@
 """Bulk scoring through Ray Data: same predictions as in-process, every row once, whole outputs."""
 
-import json
 import os
-import signal
-import subprocess
-import sys
 import time
 
 import fsspec
@@ -21,17 +17,9 @@ from spamray.cli import main
 from spamray.config import ScoreConfig
 from spamray.inputs import InputFile
 from spamray.score import Scorer, resolve_precision, score, tokenize_batch
-from spamray.scores_folder import MANIFEST, ScoresFolder, audit_staged
+from spamray.scores_table import ScoresTable, WrittenFile, audit_written
 
 quiet = dict(log=lambda *_: None)
-
-
-@pytest.fixture(scope="module")
-def model_url(tmp_path_factory):
-    torch.manual_seed(3)
-    folder = tmp_path_factory.mktemp("model") / "clf"
-    TextClassifier.from_gpt2(spamray.load_gpt2("random", "gpt2-tiny"), ["not spam", "spam"], max_length=96).save(str(folder))
-    return str(folder)
 
 
 @pytest.fixture
@@ -56,14 +44,25 @@ def mixed_archive(tmp_path, sms_messages):
 
 
 def read_output(url):
-    return pd.read_parquet(url)
+    return ScoresTable(url).read().to_pandas()
 
 
-def test_pipeline_equals_the_in_process_classifier_row_by_row(ray_local, model_url, mixed_archive, tmp_path):
-    out = str(tmp_path / "scores")
-    summary = score(ScoreConfig(model=model_url, input=str(mixed_archive), output=out, id_column="msg_id",
+def unreferenced_files(url):
+    """Data files in the table folder that its latest version does not name."""
+    table = ScoresTable(url)
+    live = {path for scored in table.read_state().inputs.values() for path in scored.files}
+    return [p for p in table.fs.glob(f"{table.path}/*.parquet") if p.rsplit("/", 1)[-1] not in live]
+
+
+def test_pipeline_equals_the_in_process_classifier_row_by_row(ray_local, model_url, mixed_archive, place):
+    # On local disk, and with archive, model and table all on the S3 endpoint.
+    archive = place.upload(mixed_archive, "archive") if place.url.startswith("s3://") else str(mixed_archive)
+    model = place.upload(model_url, "model") if place.url.startswith("s3://") else model_url
+    out = place.join("scores")
+    summary = score(ScoreConfig(model=model, input=archive, output=out, id_column="msg_id",
                                 keep=["sender"], batch_size=32, read_batch_rows=100), **quiet)
     frame = read_output(out)
+    frame["source_file"] = frame["source_file"].str.replace(archive, str(mixed_archive), regex=False)
     assert len(frame) == summary["rows_written"] == summary["rows_read"] == 302 + 6 + 202
     assert not frame.duplicated(["source_file", "source_row"]).any()
     assert (frame["msg_id"] == "dup").sum() == 3  # duplicated ids are all kept, each its own row
@@ -74,6 +73,7 @@ def test_pipeline_equals_the_in_process_classifier_row_by_row(ray_local, model_u
     null_row = by_id.loc[(str(mixed_archive / "part-1.parquet"), 300)]
     assert null_row["status"] == "null" and null_row["msg_id"] == "dup"
     assert summary["rows_per_status"] == frame["status"].value_counts().to_dict()
+    assert set(frame["run_id"]) == {summary["run_id"]} and (frame["source_size"] > 0).all()
     unscored = frame[~frame["status"].isin(["ok", "truncated"])]
     assert len(unscored) == 4 and unscored[["label", "p_spam"]].isna().all().all()
 
@@ -99,38 +99,14 @@ def test_a_replica_that_dies_once_loses_nothing(ray_local, model_url, mixed_arch
     frame = read_output(str(out))
     assert len(frame) == summary["rows_written"] == 510
     assert not frame.duplicated(["source_file", "source_row"]).any()
-    assert not list(tmp_path.glob(".scores.staging-*"))
+    assert unreferenced_files(str(out)) == []
 
 
-def test_a_killed_driver_leaves_no_output_and_the_rerun_is_exact(model_url, sms_messages, tmp_path):
-    archive = tmp_path / "archive"
-    archive.mkdir()
-    for part in range(6):
-        pq.write_table(pa.table({"text": sms_messages[part * 900:(part + 1) * 900]}), archive / f"{part}.parquet")
-    out = tmp_path / "scores"
-    command = [sys.executable, "-m", "spamray.cli", "score", "--model", model_url, "--input", str(archive),
-               "--output", str(out), "--batch-size", "8", "--read-batch-rows", "100", "--cpus-per-replica", "1"]
-    env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
-    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 180
-    while time.time() < deadline and not list(tmp_path.glob(".scores.staging-*/*.parquet")):
-        time.sleep(0.2)
-    assert list(tmp_path.glob(".scores.staging-*/*.parquet")), "the run never started writing"
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
-    assert not out.exists()  # nothing that looks complete
-    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    frame = read_output(str(out))
-    assert len(frame) == len(sms_messages[:5400])
-    assert not frame.duplicated(["source_file", "source_row"]).any()
-    assert not list(tmp_path.glob(".scores.staging-*"))
-
-
-def test_output_streams_out_in_blocks_of_bounded_size(ray_local, model_url, sms_messages, tmp_path, monkeypatch):
-    # What keeps memory flat as archives grow: a replica's output leaves in small blocks, each
-    # its own file, instead of gathering a whole input file first.
+def test_output_streams_out_in_files_of_bounded_size(ray_local, model_url, sms_messages, tmp_path, monkeypatch):
+    # What keeps memory flat as archives grow: replicas pass their output on in small blocks,
+    # and each writer task writes what it gathered, instead of a whole input file at once.
     monkeypatch.setattr(spamray.score, "OUTPUT_BLOCK_BYTES", 16 << 10)
+    monkeypatch.setattr(spamray.score, "WRITE_BATCH_ROWS", 400)
     archive = tmp_path / "archive"
     archive.mkdir()
     pq.write_table(pa.table({"text": sms_messages[:2000]}), archive / "one.parquet")
@@ -138,7 +114,7 @@ def test_output_streams_out_in_blocks_of_bounded_size(ray_local, model_url, sms_
     score(ScoreConfig(model=model_url, input=str(archive), output=str(out), batch_size=200), **quiet)
     files = list(out.glob("*.parquet"))
     assert len(files) >= 5 and max(pq.ParquetFile(f).metadata.num_rows for f in files) <= 1000
-    assert sorted(pd.read_parquet(out)["source_row"]) == list(range(2000))
+    assert sorted(read_output(str(out))["source_row"]) == list(range(2000))
 
 
 def test_a_bf16_replica_agrees_with_fp32_and_auto_means_bf16_only_on_gpus(model_url, sms_messages):
@@ -179,8 +155,9 @@ def test_incremental_runs_score_only_new_or_changed_files(ray_local, model_url, 
     frame = read_output(out)
     assert len(frame) == 100 + 60 + 30
     assert (frame["source_file"] == str(archive / "day-2.parquet")).sum() == 60
-    manifest = json.loads((tmp_path / "scores" / MANIFEST).read_text())
-    assert {v["rows"] for v in manifest["inputs"].values()} == {100, 60, 30}
+    record = ScoresTable(out).read_state().inputs  # the log's own record of what is scored
+    assert {scored.rows for scored in record.values()} == {100, 60, 30}
+    assert record[str(archive / "day-2.parquet")].size == (archive / "day-2.parquet").stat().st_size
 
 
 def test_a_second_full_run_needs_overwrite(ray_local, model_url, sms_messages, tmp_path):
@@ -193,18 +170,6 @@ def test_a_second_full_run_needs_overwrite(ray_local, model_url, sms_messages, t
     pq.write_table(pa.table({"text": sms_messages[:30]}), archive / "a.parquet")
     score(ScoreConfig(model=model_url, input=str(archive), output=out, overwrite=True), **quiet)
     assert len(read_output(out)) == 30
-
-
-def test_a_commit_cut_between_its_renames_is_finished_by_the_next_run(tmp_path):
-    staging = tmp_path / ".scores.staging-run1"
-    staging.mkdir()
-    pq.write_table(pa.table({"x": [1, 2]}), staging / "part.parquet")
-    (staging / MANIFEST).write_text(json.dumps({"format": "spamray-scores"}))
-    abandoned = tmp_path / ".scores.staging-run2"  # never reached its manifest
-    abandoned.mkdir()
-    ScoresFolder(str(tmp_path / "scores")).recover(log=lambda *_: None)
-    assert len(pd.read_parquet(tmp_path / "scores")) == 2
-    assert not staging.exists() and not abandoned.exists()
 
 
 def test_bad_input_fails_before_any_work(ray_local, model_url, tmp_path, capsys):
@@ -222,25 +187,26 @@ def test_bad_input_fails_before_any_work(ray_local, model_url, tmp_path, capsys)
     assert not os.path.exists(out)
 
 
-def staged_rows(folder, parts):
-    """Writes staged output files, one per part: (source_file, source_rows, statuses)."""
+def written_rows(folder, parts):
+    """Writes data files, one per part (source_file, source_rows, statuses), as writer tasks do."""
     folder.mkdir()
+    files = {}
     for index, (source, rows, statuses) in enumerate(parts):
-        pq.write_table(pa.table({"source_file": [source] * len(rows), "source_row": rows, "status": statuses,
+        pq.write_table(pa.table({"source_row": rows, "status": statuses,
                                  "label": [("spam" if s == "ok" else None) for s in statuses]}),
                        folder / f"part-{index}.parquet")
-    return str(folder)
+        files.setdefault(source, []).append(WrittenFile(f"part-{index}.parquet", source, len(rows), 1, "{}"))
+    return str(folder), files
 
 
 def csv_input(name):
     return InputFile(url=name, size=1, version="1")
 
 
-def test_the_audit_counts_rows_spread_over_staged_files(tmp_path):
-    fs = fsspec.filesystem("file")
-    staging = staged_rows(tmp_path / "staging", [("a.csv", [2, 0], ["ok", "empty"]),
-                                                 ("a.csv", [1], ["ok"]), ("b.csv", [0], ["null"])])
-    audit = audit_staged(fs, staging, [csv_input("a.csv"), csv_input("b.csv")], batch_rows=1)
+def test_the_audit_counts_rows_spread_over_written_files(tmp_path):
+    root, files = written_rows(tmp_path / "table", [("a.csv", [2, 0], ["ok", "empty"]),
+                                                    ("a.csv", [1], ["ok"]), ("b.csv", [0], ["null"])])
+    audit = audit_written(fsspec.filesystem("file"), root, files, [csv_input("a.csv"), csv_input("b.csv")], batch_rows=1)
     assert audit.rows_per_file == {"a.csv": 3, "b.csv": 1} and audit.rows_written == 4
     assert audit.rows_per_status == {"ok": 2, "empty": 1, "null": 1}
     assert audit.rows_per_label == {"spam": 2, "None": 2}
@@ -250,17 +216,17 @@ def test_the_audit_counts_rows_spread_over_staged_files(tmp_path):
     ([("a.csv", [0, 1], ["ok"] * 2), ("a.csv", [1], ["ok"])], "a row is there twice"),
     ([("a.csv", [0, 0], ["ok"] * 2)], "a row is there twice"),
     ([("a.csv", [0, 2], ["ok"] * 2)], "1 of rows 0..2 are missing"),
-    ([("a.csv", [0], ["ok"]), ("z.csv", [0], ["ok"])], "rows of z.csv, which this run did not score"),
+    ([("a.csv", [-1], ["ok"])], "negative source_row"),
 ])
-def test_the_audit_refuses_rows_lost_repeated_or_foreign(tmp_path, parts, problem):
-    staging = staged_rows(tmp_path / "staging", parts)
+def test_the_audit_refuses_rows_lost_or_repeated(tmp_path, parts, problem):
+    root, files = written_rows(tmp_path / "table", parts)
     with pytest.raises(RuntimeError, match=problem):
-        audit_staged(fsspec.filesystem("file"), staging, [csv_input("a.csv")])
+        audit_written(fsspec.filesystem("file"), root, files, [csv_input("a.csv")])
 
 
 def test_the_audit_checks_a_parquet_input_against_its_row_count(tmp_path):
     source = tmp_path / "in.parquet"
     pq.write_table(pa.table({"text": ["a", "b", "c"]}), source)
-    staging = staged_rows(tmp_path / "staging", [(str(source), [0, 1], ["ok"] * 2)])
+    root, files = written_rows(tmp_path / "table", [(str(source), [0, 1], ["ok"] * 2)])
     with pytest.raises(RuntimeError, match="has 3 rows but 2 were scored"):
-        audit_staged(fsspec.filesystem("file"), staging, [InputFile(url=str(source), size=1, version="1")])
+        audit_written(fsspec.filesystem("file"), root, files, [InputFile(url=str(source), size=1, version="1")])

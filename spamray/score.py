@@ -37,7 +37,12 @@ RAY_BATCH_ROWS = {"cpu": 1024, "gpu": 16384}
 # files of a useful size for readers, memory bounded per task.
 WRITE_BATCH_ROWS = 32768
 # Columns that travel through the pipeline but are not output.
-INTERNAL_COLUMNS = {"token_ids", "read_error"}
+INTERNAL_COLUMNS = {"token_ids", "read_error", "replica_node"}
+# The CPU share each read, tokenize and write task asks for: small enough to fit beside a replica
+# on any node. With whole CPUs, two replicas on two 1-CPU nodes left half a CPU on each and no
+# task could start anywhere: the tasks waited for CPUs the replicas held, the replicas for rows.
+TASK_CPUS = 0.25
+REPLICA_START_TIMEOUT_S = 1800
 
 
 def output_schema(carried: dict[str, pa.DataType], keep_text: bool, labels: list[str]) -> pa.Schema:
@@ -103,6 +108,7 @@ class Scorer:
             self.classifier.to(torch.bfloat16)
         self.columns = [probability_column(label) for label in self.classifier.labels]
         self.model_name, self.version = model_name, self.classifier.version
+        self.node = replica_node()
         self.batches, self.fail_once_at_batch, self.fault_marker = 0, fail_once_at_batch, fault_marker
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -127,7 +133,8 @@ class Scorer:
         now = datetime.now(timezone.utc)
         return (out.append_column("model", pa.array([self.model_name] * batch.num_rows, pa.string()))
                 .append_column("model_version", pa.array([self.version] * batch.num_rows, pa.string()))
-                .append_column("scored_at", pa.array([now] * batch.num_rows, pa.timestamp("us", tz="UTC"))))
+                .append_column("scored_at", pa.array([now] * batch.num_rows, pa.timestamp("us", tz="UTC")))
+                .append_column("replica_node", pa.array([self.node] * batch.num_rows, pa.string())))
 
     def _fault_drill(self) -> None:
         if self.batches == self.fail_once_at_batch and not storage.exists(self.fault_marker):
@@ -159,7 +166,7 @@ def score(cfg: ScoreConfig, log=print) -> dict:
                "files_scored": 0, "files_already_scored": 0, "files_failed": failed,
                "files_skipped": [asdict(f) for f in skipped], "rows_read": 0, "rows_written": 0,
                "rows_per_status": {}, "rows_per_label": {}, "data_files_added": 0, "data_files_removed": 0,
-               "bytes_written": 0}
+               "bytes_written": 0, "replica_nodes": []}
     for file in skipped:
         log(f"skipped {file.url}: {file.reason}")
     if run.to_score:
@@ -202,7 +209,8 @@ def score_into_table(cfg: ScoreConfig, run: Run, summary: dict, log) -> None:
     log(f"scoring {len(run.to_score)} of {summary['files_seen']} files from {cfg.input} with {cfg.model} "
         f"({run.model_version}), {cfg.replicas} replica(s), {precision}, into {table.url}")
     try:
-        files, read_errors = written_files(dataset.take_all())
+        files, read_errors, nodes = written_files(dataset.take_all())
+        summary["replica_nodes"] = nodes
         summary["files_failed"].update(read_errors)
         scored = [f for f in run.to_score if f.url not in read_errors]
         for file in scored:  # an input with no rows still gets its (empty) file: the log records it as scored
@@ -249,10 +257,10 @@ def scoring_pipeline(cfg: ScoreConfig, run: Run):
     reserved_cpus = replica_cpu_reservation(cfg.replicas, cfg.cpus_per_replica, ray.cluster_resources().get("CPU", 1))
     dataset = (
         ray.data.from_items([{"path": f.url} for f in run.to_score], override_num_blocks=len(run.to_score))
-        .map_batches(_read_files, batch_size=1, batch_format="pyarrow",
+        .map_batches(_read_files, batch_size=1, batch_format="pyarrow", num_cpus=TASK_CPUS,
                      fn_kwargs={"text_column": cfg.text_column, "carried": run.carried_types,
                                 "chunk_rows": cfg.read_batch_rows})
-        .map_batches(tokenize_batch, batch_size=batch_rows * 4, batch_format="pyarrow",
+        .map_batches(tokenize_batch, batch_size=batch_rows * 4, batch_format="pyarrow", num_cpus=TASK_CPUS,
                      fn_kwargs={"max_length": run.max_length, "keep_text": run.keep_text})
         .map_batches(Scorer, batch_size=batch_rows, batch_format="pyarrow",
                      compute=ray.data.ActorPoolStrategy(size=cfg.replicas),
@@ -261,15 +269,25 @@ def scoring_pipeline(cfg: ScoreConfig, run: Run):
                                             "model_name": cfg.model, "precision": precision,
                                             "fail_once_at_batch": cfg.fail_once_at_batch,
                                             "fault_marker": fault_marker(run)})
-        .map_batches(write_data_files, batch_size=WRITE_BATCH_ROWS, batch_format="pyarrow",
+        .map_batches(write_data_files, batch_size=WRITE_BATCH_ROWS, batch_format="pyarrow", num_cpus=TASK_CPUS,
                      fn_kwargs={"table_url": run.table.url, "run_id": run.run_id, "data_schema": run.data_schema})
     )
     dataset.context.target_max_block_size = OUTPUT_BLOCK_BYTES
+    # A clear error, not a hang, when the cluster cannot place every replica (an autoscaler
+    # bringing up nodes has this long).
+    dataset.context.wait_for_min_actors_s = REPLICA_START_TIMEOUT_S
     return dataset, precision
 
 
 def fault_marker(run: Run) -> str:
     return f"{run.table.url}.fault-drill-{run.run_id}"
+
+
+def replica_node() -> str:
+    """The Ray node this process runs on ("local" outside Ray): the run summary names them."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
 def resolve_precision(precision: str, on_gpu: bool) -> str:
@@ -298,6 +316,7 @@ def format_summary(summary: dict) -> str:
     labels = ", ".join(f"{k} {v:,}" for k, v in sorted(summary["rows_per_label"].items()) if k != "None")
     failed = f"; {len(summary['files_failed'])} FAILED" if summary["files_failed"] else ""
     skipped = f"; {len(summary['files_skipped'])} skipped" if summary["files_skipped"] else ""
-    return (f"scored {summary['files_scored']} of {summary['files_seen']} files{failed}{skipped}: "
+    nodes = f"; replicas on node(s) {', '.join(n[:12] for n in summary['replica_nodes'])}" if summary["replica_nodes"] else ""
+    return (f"scored {summary['files_scored']} of {summary['files_seen']} files{failed}{skipped}{nodes}: "
             f"{summary['rows_written']:,} rows committed ({statuses or 'none'}); predicted {labels or 'nothing'}; "
             f"{summary['rows_per_second']:,.0f} rows/s; table {summary['output']} at version {summary['table_version']}")

@@ -42,7 +42,8 @@ PARTITIONS = {"source_file": pa.string(), "source_size": pa.int64(), "source_ver
 COMMIT_ATTEMPTS = 20
 OLD_FORMAT_MANIFEST = "_manifest.json"
 WRITTEN = pa.schema([("path", pa.string()), ("source_file", pa.string()), ("rows", pa.int64()),
-                     ("bytes", pa.int64()), ("stats", pa.string()), ("read_error", pa.string())])
+                     ("bytes", pa.int64()), ("stats", pa.string()), ("read_error", pa.string()),
+                     ("replica_nodes", pa.string())])
 
 
 @dataclass
@@ -308,12 +309,14 @@ def write_data_files(batch: pa.Table, table_url: str, run_id: str, data_schema: 
     errors = batch.filter(pc.is_valid(batch["read_error"]))
     for row in errors.select(["source_file", "read_error"]).to_pylist():
         written.append({"path": None, "source_file": row["source_file"], "rows": 0, "bytes": 0, "stats": None,
-                        "read_error": row["read_error"]})
+                        "read_error": row["read_error"], "replica_nodes": None})
     rows = batch.filter(pc.is_null(batch["read_error"]))
     sources = rows["source_file"].combine_chunks().dictionary_encode()
     for index, source in enumerate(sources.dictionary.to_pylist()):
-        part = rows.filter(pc.equal(sources.indices, index)).select(data_schema.names).cast(data_schema)
-        written.append({**asdict(write_file(fs, root, run_id, part, source)), "read_error": None})
+        part = rows.filter(pc.equal(sources.indices, index))
+        nodes = ",".join(sorted(set(part["replica_node"].to_pylist()))) if "replica_node" in part.column_names else None
+        file = write_file(fs, root, run_id, part.select(data_schema.names).cast(data_schema), source)
+        written.append({**asdict(file), "read_error": None, "replica_nodes": nodes})
     return pa.Table.from_pylist(written, schema=WRITTEN)
 
 
@@ -346,15 +349,16 @@ def file_stats(rows: pa.Table) -> str:
     return json.dumps(stats)
 
 
-def written_files(rows: list[dict]) -> tuple[dict[str, list[WrittenFile]], dict[str, str]]:
-    """The writer tasks' rows, as (input -> its files, input -> read error)."""
-    files, errors = defaultdict(list), {}
+def written_files(rows: list[dict]) -> tuple[dict[str, list[WrittenFile]], dict[str, str], list[str]]:
+    """The writer tasks' rows, as (input -> its files, input -> read error, the replicas' nodes)."""
+    files, errors, nodes = defaultdict(list), {}, set()
     for row in rows:
         if row["read_error"] is not None:
             errors[row["source_file"]] = row["read_error"]
         else:
             files[row["source_file"]].append(WrittenFile(row["path"], row["source_file"], row["rows"], row["bytes"], row["stats"]))
-    return dict(files), errors
+            nodes.update(filter(None, (row["replica_nodes"] or "").split(",")))
+    return dict(files), errors, sorted(nodes)
 
 
 # -- the audit ----------------------------------------------------------------------------------

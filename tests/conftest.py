@@ -99,17 +99,22 @@ class Place:
         return sorted(p.rsplit("/", 1)[-1] for p in self.fs.glob(f"{self.path}/{name}/{pattern}"))
 
 
-@pytest.fixture(params=["local", "s3"])
-def place(request, tmp_path) -> Place:
-    if request.param == "local":
-        (tmp_path / "place").mkdir()
-        return Place(str(tmp_path / "place"))
-    request.getfixturevalue("s3_endpoint")
+@pytest.fixture
+def s3_place(s3_endpoint) -> Place:
+    """A new bucket on the loopback S3 endpoint."""
     import boto3
 
     bucket = f"spamray-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=bucket)
     return Place(f"s3://{bucket}")
+
+
+@pytest.fixture(params=["local", "s3"])
+def place(request, tmp_path) -> Place:
+    if request.param == "s3":
+        return request.getfixturevalue("s3_place")
+    (tmp_path / "place").mkdir()
+    return Place(str(tmp_path / "place"))
 
 
 @pytest.fixture(scope="session")

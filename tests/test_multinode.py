@@ -1,0 +1,49 @@
+"""spamray on a Ray cluster of several nodes on this machine (`ray.cluster_utils.Cluster`: a
+head and worker raylets), storage on the loopback S3 endpoint, the driver joining through
+RAY_ADDRESS as under `ray job submit`."""
+
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from spamray.scores_table import ScoresTable
+
+
+@pytest.fixture
+def two_worker_cluster(monkeypatch, s3_endpoint):
+    """A head that runs no work (`num_cpus=0`, as Ray advises for larger clusters) and two
+    1-CPU worker nodes; started after the S3 endpoint, so that its workers reach it."""
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a loopback test cluster: no token
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    workers = [cluster.add_node(num_cpus=1, resources={name: 1}) for name in ("node_a", "node_b")]
+    cluster.wait_for_nodes()
+    yield cluster, workers
+    cluster.shutdown()
+
+
+def test_scoring_on_two_one_cpu_worker_nodes_with_s3_in_and_out(two_worker_cluster, model_url, sms_messages, s3_place):
+    # Replicas took half of each node's CPU and every read task wanted a whole one: no task could
+    # start anywhere and the run hung. Read, tokenize and write tasks now ask for a quarter.
+    cluster, workers, place = *two_worker_cluster, s3_place
+    model = place.upload(model_url, "model")
+    for part in range(4):
+        with place.fs.open(f"{place.path}/archive/part-{part}.parquet", "wb") as handle:
+            pq.write_table(pa.table({"text": sms_messages[part * 1000:(part + 1) * 1000]}), handle)
+    out = place.join("scores")
+    env = {**os.environ, "RAY_ADDRESS": cluster.address, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    run = subprocess.run([sys.executable, "-m", "spamray.cli", "score", "--model", model, "--input", place.join("archive"),
+                          "--output", out, "--replicas", "2", "--cpus-per-replica", "1", "--batch-size", "64"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = next(line for line in run.stdout.splitlines() if line.startswith("scored 4 of 4 files"))
+    worker_ids = {worker.node_id[:12] for worker in workers}
+    assert any(node in summary for node in worker_ids)  # the summary names the nodes that scored
+    frame = ScoresTable(out).read().to_pandas()
+    assert len(frame) == 4000 and not frame.duplicated(["source_file", "source_row"]).any()
+    assert frame.groupby("source_file")["source_row"].agg(["min", "max", "count"]).values.tolist() == [[0, 999, 1000]] * 4

@@ -68,6 +68,8 @@ class TrainConfig:
     cpus_per_worker: int = option(2, "CPUs (and torch threads) per worker")
     storage_path: str | None = option(None, "where Ray Train keeps checkpoints; on more than one node a "
                                       "shared URL or NFS path (default: ~/ray_results)")
+    shared_storage: bool = option(False, "the local --storage-path is a mount that every node shares (NFS): "
+                                  "allow it on a cluster of several nodes")
     run_name: str | None = option(None, "Ray Train run name: start again with the same name and storage "
                                   "path to resume (default: derived from these settings)")
     max_failures: int = option(1, "worker failures to recover from (from the last checkpoint)")

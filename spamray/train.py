@@ -189,7 +189,7 @@ def report_with_checkpoint(metrics: dict, classifier: TextClassifier, optimizer,
 
 def default_run_name(cfg: TrainConfig) -> str:
     """The same settings give the same name, so starting them again resumes the same run."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("storage_path", "run_name", "overwrite", "fail_once_at_step")}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("storage_path", "shared_storage", "run_name", "overwrite", "fail_once_at_step")}
     return "spamray-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -198,6 +198,17 @@ def longest_training_example(data: str, max_length: int) -> int:
 
     texts = pd.read_parquet(split_url(data, "train"), columns=["text"])["text"].tolist()
     return max(len(ids) for ids in get_tokenizer().encode_batch(texts, max_length=max_length))
+
+
+def check_storage_path(storage_path: str | None, nodes: int, shared: bool) -> None:
+    """On a cluster of several nodes, checkpoints must go where every node reaches them: a
+    worker restarted on another node resumes from them, and the driver reads the final one."""
+    if nodes > 1 and not shared and (storage_path is None or storage.is_local(storage_path)):
+        where = storage_path or "~/ray_results (the default)"
+        raise ValueError(f"--storage-path {where} is on each node's own disk, and this cluster has {nodes} nodes: "
+                         "a worker restarted elsewhere could not resume, nor the driver read the result. Give a URL "
+                         "every node reaches (s3://..., gs://...), or pass --shared-storage if the path is a mount "
+                         "all nodes share (NFS)")
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
@@ -219,6 +230,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     run_name = cfg.run_name or default_run_name(cfg)
     storage_path = cfg.storage_path or str(Path.home() / "ray_results")
+    check_storage_path(cfg.storage_path, sum(node["Alive"] for node in ray.nodes()), cfg.shared_storage)
     # Materialized, the small splits need no CPU of their own while the workers hold every core.
     datasets = {name: ray.data.read_parquet(split_url(cfg.data, name)).select_columns(["text", "label"]).materialize()
                 for name in ("train", "validation")}

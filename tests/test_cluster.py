@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -52,33 +51,62 @@ def loopback_head(monkeypatch):
     """A real Ray head on 127.0.0.1 (`ray start --head`), stopped by its processes' ids."""
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a loopback test cluster: no token
     temp_dir = tempfile.mkdtemp(prefix="srh-", dir="/tmp")  # short: Ray's socket paths must fit
-    port, dashboard = free_port(), free_port()
+    port, dashboard, client = free_port(), free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                    f"--temp-dir={temp_dir}", "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=180)
+                    f"--temp-dir={temp_dir}", "--disable-usage-stats",
+                    # Its own client-server port: the default 10001 is shared by every head on a machine,
+                    # and that process names no temp dir; the port names it for the teardown.
+                    f"--ray-client-server-port={client}"], env=env, check=True, capture_output=True, timeout=180)
     address = f"http://127.0.0.1:{dashboard}"
     try:
         yield address, env
     finally:
-        pids = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True).stdout.split()
-        for pid in map(int, pids):
+        stop_processes(f"{temp_dir}|--port={client}")
+
+
+def stop_processes(pattern: str) -> None:
+    """SIGTERM, then SIGKILL, to the processes whose command line matches and all their
+    descendants (a raylet's agents rename themselves `ray::…`, so only their parent matches)."""
+    import psutil
+
+    def matching():
+        pids = [int(p) for p in subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()]
+        found = []
+        for pid in pids:
             try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
+                process = psutil.Process(pid)
+                found += [process, *process.children(recursive=True)]
+            except psutil.NoSuchProcess:
                 pass
-        deadline = time.time() + 30
-        while time.time() < deadline and subprocess.run(["pgrep", "-f", temp_dir], capture_output=True).returncode == 0:
-            time.sleep(0.5)
-        for pid in subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True).stdout.split():
-            os.kill(int(pid), signal.SIGKILL)
+        return found
+
+    processes = matching()
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=30)
+    for process in alive + matching():
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def submit(address, env, submission_id, *entrypoint):
-    return subprocess.run([RAY, "job", "submit", "--address", address, "--submission-id", submission_id,
-                           "--working-dir", str(REPO), "--", sys.executable, *entrypoint],
-                          env=env, capture_output=True, text=True, timeout=600)
+    for _ in range(10):
+        done = subprocess.run([RAY, "job", "submit", "--address", address, "--submission-id", submission_id,
+                               "--working-dir", str(REPO), "--", sys.executable, *entrypoint],
+                              env=env, capture_output=True, text=True, timeout=600)
+        # Right after `ray start` the head may not have its job agent yet; Ray says to try again.
+        if "No available agent to submit job" not in done.stderr:
+            return done
+        time.sleep(3)
+    return done
 
 
 def job_status(address, env, submission_id) -> str:

@@ -27,6 +27,11 @@ def two_worker_cluster(monkeypatch, s3_endpoint):
     cluster.shutdown()
 
 
+def driver_env(cluster) -> dict:
+    """A spamray process that joins the cluster, as under `ray job submit`."""
+    return {**os.environ, "RAY_ADDRESS": cluster.address, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+
+
 def test_scoring_on_two_one_cpu_worker_nodes_with_s3_in_and_out(two_worker_cluster, model_url, sms_messages, s3_place):
     # Replicas took half of each node's CPU and every read task wanted a whole one: no task could
     # start anywhere and the run hung. Read, tokenize and write tasks now ask for a quarter.
@@ -36,7 +41,7 @@ def test_scoring_on_two_one_cpu_worker_nodes_with_s3_in_and_out(two_worker_clust
         with place.fs.open(f"{place.path}/archive/part-{part}.parquet", "wb") as handle:
             pq.write_table(pa.table({"text": sms_messages[part * 1000:(part + 1) * 1000]}), handle)
     out = place.join("scores")
-    env = {**os.environ, "RAY_ADDRESS": cluster.address, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    env = driver_env(cluster)
     run = subprocess.run([sys.executable, "-m", "spamray.cli", "score", "--model", model, "--input", place.join("archive"),
                           "--output", out, "--replicas", "2", "--cpus-per-replica", "1", "--batch-size", "64"],
                          env=env, capture_output=True, text=True, timeout=300)
@@ -47,3 +52,23 @@ def test_scoring_on_two_one_cpu_worker_nodes_with_s3_in_and_out(two_worker_clust
     frame = ScoresTable(out).read().to_pandas()
     assert len(frame) == 4000 and not frame.duplicated(["source_file", "source_row"]).any()
     assert frame.groupby("source_file")["source_row"].agg(["min", "max", "count"]).values.tolist() == [[0, 999, 1000]] * 4
+
+
+def test_a_storage_path_on_each_nodes_own_disk_is_refused_before_training(two_worker_cluster, prepared_sms, tmp_path):
+    cluster, _ = two_worker_cluster
+    env = driver_env(cluster)
+    command = [sys.executable, "-m", "spamray.cli", "train", "--data", prepared_sms, "--output", str(tmp_path / "model"),
+               "--weights", "random", "--preset", "gpt2-tiny", "--storage-path", str(tmp_path / "runs")]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "is on each node's own disk, and this cluster has 3 nodes" in run.stderr
+    assert "--shared-storage" in run.stderr and not (tmp_path / "runs").exists()
+
+
+def test_only_a_cluster_of_several_nodes_needs_shared_checkpoint_storage():
+    from spamray.train import check_storage_path
+
+    check_storage_path(None, nodes=1, shared=False)  # one machine: its own disk is everyone's
+    check_storage_path("s3://bucket/runs", nodes=3, shared=False)
+    check_storage_path("/mnt/nfs/runs", nodes=3, shared=True)
+    with pytest.raises(ValueError, match="~/ray_results"):
+        check_storage_path(None, nodes=2, shared=False)

@@ -10,6 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from test_cluster import RAY, free_port, job_status, submit
+
 from spamray.scores_table import ScoresTable
 
 
@@ -20,10 +22,12 @@ def two_worker_cluster(monkeypatch, s3_endpoint):
     from ray.cluster_utils import Cluster
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a loopback test cluster: no token
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    dashboard = free_port()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,
+                                                            "dashboard_host": "127.0.0.1", "dashboard_port": dashboard})
     workers = [cluster.add_node(num_cpus=1, resources={name: 1}) for name in ("node_a", "node_b")]
     cluster.wait_for_nodes()
-    yield cluster, workers
+    yield cluster, workers, f"http://127.0.0.1:{dashboard}"
     cluster.shutdown()
 
 
@@ -35,7 +39,8 @@ def driver_env(cluster) -> dict:
 def test_scoring_on_two_one_cpu_worker_nodes_with_s3_in_and_out(two_worker_cluster, model_url, sms_messages, s3_place):
     # Replicas took half of each node's CPU and every read task wanted a whole one: no task could
     # start anywhere and the run hung. Read, tokenize and write tasks now ask for a quarter.
-    cluster, workers, place = *two_worker_cluster, s3_place
+    cluster, workers, _ = two_worker_cluster
+    place = s3_place
     model = place.upload(model_url, "model")
     for part in range(4):
         with place.fs.open(f"{place.path}/archive/part-{part}.parquet", "wb") as handle:
@@ -55,7 +60,7 @@ def test_scoring_on_two_one_cpu_worker_nodes_with_s3_in_and_out(two_worker_clust
 
 
 def test_a_storage_path_on_each_nodes_own_disk_is_refused_before_training(two_worker_cluster, prepared_sms, tmp_path):
-    cluster, _ = two_worker_cluster
+    cluster, _, _ = two_worker_cluster
     env = driver_env(cluster)
     command = [sys.executable, "-m", "spamray.cli", "train", "--data", prepared_sms, "--output", str(tmp_path / "model"),
                "--weights", "random", "--preset", "gpt2-tiny", "--storage-path", str(tmp_path / "runs")]
@@ -72,3 +77,23 @@ def test_only_a_cluster_of_several_nodes_needs_shared_checkpoint_storage():
     check_storage_path("/mnt/nfs/runs", nodes=3, shared=True)
     with pytest.raises(ValueError, match="~/ray_results"):
         check_storage_path(None, nodes=2, shared=False)
+
+
+def test_score_jobs_submitted_to_the_cluster_end_as_what_happened(two_worker_cluster, model_url, sms_messages, s3_place):
+    _, _, jobs = two_worker_cluster
+    model = s3_place.upload(model_url, "model")
+    with s3_place.fs.open(f"{s3_place.path}/archive/a.parquet", "wb") as handle:
+        pq.write_table(pa.table({"text": sms_messages[:300]}), handle)
+    common = ["--model", model, "--replicas", "2", "--cpus-per-replica", "1"]
+    scored = submit(jobs, dict(os.environ), "score-s3", "jobs/score.py", *common, "--input", s3_place.join("archive"),
+                    "--output", s3_place.join("scores"))
+    assert scored.returncode == 0, scored.stdout[-3000:] + scored.stderr[-3000:]
+    assert job_status(jobs, None, "score-s3") == "SUCCEEDED"
+    assert sorted(ScoresTable(s3_place.join("scores")).read()["source_row"].to_pylist()) == list(range(300))
+
+    missing = submit(jobs, dict(os.environ), "score-missing", "jobs/score.py", *common,
+                     "--input", s3_place.join("no-such-archive"), "--output", s3_place.join("scores-2"))
+    assert missing.returncode != 0 and job_status(jobs, None, "score-missing") == "FAILED"
+    logs = subprocess.run([RAY, "job", "logs", "--address", jobs, "score-missing"], capture_output=True, text=True,
+                          timeout=60).stdout
+    assert "no-such-archive does not exist" in logs

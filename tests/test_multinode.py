@@ -5,6 +5,7 @@ RAY_ADDRESS as under `ray job submit`."""
 import os
 import subprocess
 import sys
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,6 +30,17 @@ def two_worker_cluster(monkeypatch, s3_endpoint):
     cluster.wait_for_nodes()
     yield cluster, workers, f"http://127.0.0.1:{dashboard}"
     cluster.shutdown()
+
+
+# `spamray score` whose writer tasks write every 64 rows: files appear early, so a node can be
+# lost after some batches are done (a test-only change, made in that process).
+SCORE_WITH_SMALL_WRITES = """
+import sys
+import spamray.score
+spamray.score.WRITE_BATCH_ROWS = 64
+from spamray.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def driver_env(cluster) -> dict:
@@ -97,3 +109,33 @@ def test_score_jobs_submitted_to_the_cluster_end_as_what_happened(two_worker_clu
     logs = subprocess.run([RAY, "job", "logs", "--address", jobs, "score-missing"], capture_output=True, text=True,
                           timeout=60).stdout
     assert "no-such-archive does not exist" in logs
+
+
+def test_a_worker_node_lost_mid_scoring_leaves_every_row_once(two_worker_cluster, model_url, sms_messages, s3_place):
+    # As a spot instance or an autoscaler takes a node away: the run finishes on the nodes left
+    # (a new node joins, as the autoscaler would bring one) or fails; either way, after the run
+    # and any re-run, every row is in the table once.
+    cluster, workers, _ = two_worker_cluster
+    model = s3_place.upload(model_url, "model")
+    for part in range(4):
+        with s3_place.fs.open(f"{s3_place.path}/archive/part-{part}.parquet", "wb") as handle:
+            pq.write_table(pa.table({"text": sms_messages[part * 1300:(part + 1) * 1300]}), handle)
+    out = s3_place.join("scores")
+    command = [sys.executable, "-c", SCORE_WITH_SMALL_WRITES, "score", "--model", model, "--input", s3_place.join("archive"),
+               "--output", out, "--incremental", "--replicas", "2", "--cpus-per-replica", "1", "--batch-size", "8"]
+    run = subprocess.Popen(command, env=driver_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    table = ScoresTable(out)
+    deadline = time.time() + 120
+    while time.time() < deadline and run.poll() is None and not table.fs.glob(f"{table.path}/part-*.parquet"):
+        time.sleep(0.2)
+    assert run.poll() is None, "the run ended before any batch was written"
+    cluster.remove_node(workers[1])
+    cluster.add_node(num_cpus=1)
+    stdout, stderr = run.communicate(timeout=300)
+    print(f"run after losing a node: exit {run.returncode}")
+    if run.returncode != 0:
+        assert "Error" in stderr  # a failure that says what happened, then a re-run
+        rerun = subprocess.run(command, env=driver_env(cluster), capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+    frame = table.read().to_pandas()
+    assert len(frame) == 5200 and not frame.duplicated(["source_file", "source_row"]).any()

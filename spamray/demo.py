@@ -39,10 +39,11 @@ def demo(cfg: DemoConfig, log=print) -> dict:
     log(format_report(report))
 
     log("\n== score: all 5,574 shipped messages through the Ray Data pipeline")
-    storage.remove(archive)
+    for folder in (archive, scores):  # the demo's own: made afresh (an earlier spamray's scores folder too)
+        storage.remove(folder)
     Path(archive).mkdir(parents=True)
     read_labelled("sms")[["text"]].to_parquet(f"{archive}/sms.parquet")
-    summary = score(ScoreConfig(model=model, input=archive, output=scores, overwrite=True), log=log)
+    summary = score(ScoreConfig(model=model, input=archive, output=scores), log=log)
 
     minutes = (time.time() - started) / 60
     log(f"\ndone in {minutes:.1f} min: test accuracy {report['accuracy']:.2%}; model in {model}; "

@@ -107,7 +107,7 @@ class Scorer:
         if resolve_precision(precision, on_gpu) == "bf16":
             self.classifier.to(torch.bfloat16)
         self.columns = [probability_column(label) for label in self.classifier.labels]
-        self.model_name, self.version = model_name, self.classifier.version
+        self.model_name = model_name
         self.node = replica_node()
         self.batches, self.fail_once_at_batch, self.fault_marker = 0, fail_once_at_batch, fault_marker
 
@@ -132,7 +132,6 @@ class Scorer:
             out = out.append_column(column, pa.array(values, mask=mask))
         now = datetime.now(timezone.utc)
         return (out.append_column("model", pa.array([self.model_name] * batch.num_rows, pa.string()))
-                .append_column("model_version", pa.array([self.version] * batch.num_rows, pa.string()))
                 .append_column("scored_at", pa.array([now] * batch.num_rows, pa.timestamp("us", tz="UTC")))
                 .append_column("replica_node", pa.array([self.node] * batch.num_rows, pa.string())))
 

@@ -217,13 +217,13 @@ class ScoresTable:
         now = int(time.time() * 1000)
         actions = []
         for url in plan.adds:
-            partition = partition_values(output.inputs[url], output.model_version, output.run_id)
+            file = output.inputs[url]
+            partition = partition_values(url, file.size, file.version, output.model_version, output.run_id)
             actions += [AddAction(f.path, f.bytes, partition, now, True, f.stats) for f in output.files[url]]
         removed_inputs = {path: (url, scored) for url, scored in state.inputs.items() for path in scored.files}
         for path, size in plan.removes.items():
             url, scored = removed_inputs[path]
-            partition = {"source_file": url, "source_size": str(scored.size), "source_version": scored.version,
-                         "model_version": scored.model_version, "run_id": scored.run_id}
+            partition = partition_values(url, scored.size, scored.version, scored.model_version, scored.run_id)
             actions.append(RemoveAction(path, True, now, size=size, partition_values=partition))
         table = DeltaTable(self.url, version=state.version)
         # No retries inside delta-rs: on any newer commit this fails, and `commit` plans again.
@@ -284,9 +284,9 @@ def is_scored(scored: ScoredInput | None, file: InputFile, model_version: str) -
     return scored is not None and (scored.size, scored.version, scored.model_version) == (file.size, file.version, model_version)
 
 
-def partition_values(file: InputFile, model_version: str, run_id: str) -> dict[str, str]:
-    return {"source_file": file.url, "source_size": str(file.size), "source_version": file.version,
-            "model_version": model_version, "run_id": run_id}
+def partition_values(url: str, size: int, version: str, model_version: str, run_id: str) -> dict[str, str]:
+    """One scoring of one input file, as the log's partition values (strings, in PARTITIONS order)."""
+    return dict(zip(PARTITIONS, (url, str(size), version, model_version, run_id)))
 
 
 def table_schema(data_schema: pa.Schema) -> pa.Schema:

@@ -96,7 +96,7 @@ def run_score(cfg: ScoreConfig) -> int:
     start_ray()
     failed = score(cfg)["files_failed"]
     if failed:  # the other files are committed; a scheduler must still see that this night was not whole
-        print(f"spamray score: error: {len(failed)} input file(s) could not be read: {', '.join(failed)}; "
+        print(f"spamray score: error: {len(failed)} input file(s) failed (see FAILED above): {', '.join(failed)}; "
               "the other files were committed, and the next run tries these again", file=sys.stderr)
         return 1
     return 0

@@ -73,8 +73,6 @@ class TrainConfig:
     run_name: str | None = option(None, "Ray Train run name: start again with the same name and storage "
                                   "path to resume (default: derived from these settings)")
     max_failures: int = option(1, "worker failures to recover from (from the last checkpoint)")
-    fail_once_at_step: int | None = option(None, "fault drill: a worker raises once at this global step, "
-                                           "to exercise recovery from checkpoints")
     overwrite: bool = option(False, "replace an existing output folder")
 
 
@@ -116,7 +114,6 @@ class ScoreConfig:
     retention_hours: float = option(168.0, "after each commit, vacuum deletes files that no table version still "
                                     "needs (a killed run's, replaced ones) once older than this; keep it longer "
                                     "than the longest run, whose files are unreferenced until it commits")
-    fail_once_at_batch: int | None = option(None, "fault drill: a replica dies once at this batch")
 
 
 @dataclass

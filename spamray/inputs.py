@@ -6,7 +6,7 @@ row traces back to its input and the commit step can prove that every row came t
 A nightly archive holds more than clean data files: files still being written, empty ones, the
 odd compressed dump, temporary folders of other jobs. None of them may wedge a run or vanish
 unnoticed: a file spamray does not read is listed as skipped with the reason, and a file that
-fails to read becomes a `read_error` row that names it, so the run can commit the other files
+fails to read becomes a `file_error` row that names it, so the run can commit the other files
 and still report the failure.
 """
 
@@ -176,9 +176,9 @@ def _parse_options(file_format: str) -> pacsv.ParseOptions:
 
 def read_chunks(file_url: str, text_column: str, carried: dict[str, pa.DataType], chunk_rows: int) -> Iterator[pa.Table]:
     """The file's rows in chunks: `text` (string, null where absent or undecodable), `status`
-    ("undecodable" or null), the carried columns, `source_file`, `source_row`, `read_error`.
+    ("undecodable" or null), the carried columns, `source_file`, `source_row`, `file_error`.
 
-    A file that fails part way ends with one row of status "read_error" whose `read_error` says
+    A file that fails part way ends with one row of status "read_error" whose `file_error` says
     why; the scoring run then commits none of that file's rows and reports it."""
     first_row = 0
     try:
@@ -200,7 +200,7 @@ def read_chunks(file_url: str, text_column: str, carried: dict[str, pa.DataType]
 def _with_source(columns: dict, file_url: str, rows: np.ndarray, error: str | None) -> pa.Table:
     columns["source_file"] = pa.array([file_url] * len(rows), pa.string())
     columns["source_row"] = pa.array(rows.astype(np.int64))
-    columns["read_error"] = pa.array([error] * len(rows), pa.string())
+    columns["file_error"] = pa.array([error] * len(rows), pa.string())
     return pa.table(columns)
 
 

@@ -9,8 +9,8 @@
 
 from __future__ import annotations
 
-import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
@@ -37,12 +37,17 @@ RAY_BATCH_ROWS = {"cpu": 1024, "gpu": 16384}
 # files of a useful size for readers, memory bounded per task.
 WRITE_BATCH_ROWS = 32768
 # Columns that travel through the pipeline but are not output.
-INTERNAL_COLUMNS = {"token_ids", "read_error", "replica_node"}
+INTERNAL_COLUMNS = {"token_ids", "file_error", "replica_node"}
 # The CPU share each read, tokenize and write task asks for: small enough to fit beside a replica
 # on any node. With whole CPUs, two replicas on two 1-CPU nodes left half a CPU on each and no
 # task could start anywhere: the tasks waited for CPUs the replicas held, the replicas for rows.
 TASK_CPUS = 0.25
 REPLICA_START_TIMEOUT_S = 1800
+# A batch whose replica dies (a lost node, a crash) goes to a restarted replica. One that kills
+# every replica it reaches (a crash in native code, out of memory on some message) would do so
+# without end: Ray Data restarts replicas and retries their batches without limit. Started this
+# many times, the batch is refused: its input files fail, named with the rows, the others commit.
+MAX_BATCH_STARTS = 3
 
 
 def output_schema(carried: dict[str, pa.DataType], keep_text: bool, labels: list[str]) -> pa.Schema:
@@ -90,17 +95,37 @@ def tokenize_batch(batch: pa.Table, max_length: int, keep_text: bool) -> pa.Tabl
             .append_column("token_ids", pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))))
 
 
+class BatchStarts:
+    """How many times each batch has been started, across replica restarts: a Ray actor beside
+    the driver that every replica asks before it scores a batch."""
+
+    def __init__(self):
+        self.starts = Counter()
+
+    def start(self, batch_key: str) -> int:
+        self.starts[batch_key] += 1
+        return self.starts[batch_key]
+
+
 class Scorer:
-    """One model replica: loads the saved classifier once, then scores batches of token ids."""
+    """One model replica: loads the saved classifier once, then scores batches of token ids.
+
+    It refuses a model whose version is not the run's (the model was overwritten while the run
+    was starting replicas), and a batch already started MAX_BATCH_STARTS times (see there)."""
 
     def __init__(self, model_url: str, threads: int, model_name: str, precision: str = "auto",
-                 fail_once_at_batch: int | None = None, fault_marker: str | None = None):
+                 model_version: str | None = None, batch_starts=None):
         import torch
 
         from .classifier import TextClassifier
 
         torch.set_num_threads(threads)
         self.classifier = TextClassifier.load(model_url)
+        if model_version is not None and self.classifier.version != model_version:
+            raise saved.SavedClassifierError(
+                f"{model_url} changed while this run was starting: the run recorded model version {model_version}, "
+                f"a replica loaded {self.classifier.version}. A run scores every row with one model version; "
+                "run it again to score with the new model")
         on_gpu = torch.cuda.is_available()
         if on_gpu:
             self.classifier.cuda()
@@ -109,23 +134,35 @@ class Scorer:
         self.columns = [probability_column(label) for label in self.classifier.labels]
         self.model_name = model_name
         self.node = replica_node()
-        self.batches, self.fail_once_at_batch, self.fault_marker = 0, fail_once_at_batch, fault_marker
+        self.batch_starts = batch_starts
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        self.batches += 1
-        self._fault_drill()
+        if self.batch_starts is not None:
+            import ray
+
+            starts = ray.get(self.batch_starts.start.remote(batch_key(batch)))
+            if starts > MAX_BATCH_STARTS:
+                return self.output(batch, [], np.zeros((0, len(self.columns)), np.float32),
+                                   file_errors=killer_batch_errors(batch, crashes=starts - 1))
         token_ids = batch["token_ids"].combine_chunks()
         offsets, flat = token_ids.offsets.to_numpy(), token_ids.values.to_numpy()
         scoreable = np.flatnonzero(np.isin(batch["status"].to_numpy(zero_copy_only=False), SCOREABLE))
         probs = self.classifier.score_token_ids([flat[offsets[row]:offsets[row + 1]] for row in scoreable])
+        return self.output(batch, scoreable, probs)
+
+    def output(self, batch: pa.Table, scoreable, probs: np.ndarray, file_errors: pa.Array | None = None) -> pa.Table:
+        """The batch with its predictions: label, label_id and a probability per label, null
+        where a row was not scored."""
         mask = np.ones(batch.num_rows, dtype=bool)
-        mask[scoreable] = False  # null where not scored
+        mask[scoreable] = False
         full = np.zeros((batch.num_rows, len(self.columns)), dtype=np.float32)
         full[scoreable] = probs
         label_ids = np.zeros(batch.num_rows, dtype=np.int64)
         label_ids[scoreable] = probs.argmax(axis=1)
         labels = np.asarray(self.classifier.labels, dtype=object)[label_ids]
         out = batch.drop_columns(["token_ids"])
+        if file_errors is not None:
+            out = out.set_column(out.schema.get_field_index("file_error"), "file_error", file_errors)
         out = out.append_column("label", pa.array(labels, pa.string(), mask=mask))
         out = out.append_column("label_id", pa.array(label_ids, mask=mask))
         for column, values in zip(self.columns, full.T):
@@ -135,15 +172,30 @@ class Scorer:
                 .append_column("scored_at", pa.array([now] * batch.num_rows, pa.timestamp("us", tz="UTC")))
                 .append_column("replica_node", pa.array([self.node] * batch.num_rows, pa.string())))
 
-    def _fault_drill(self) -> None:
-        if self.batches == self.fail_once_at_batch and not storage.exists(self.fault_marker):
-            storage.write_bytes(self.fault_marker, b"replica died once on purpose\n")
-            os._exit(1)  # as a crashed process would: no cleanup, no exception to catch
+
+def batch_key(batch: pa.Table) -> str:
+    """Names a batch by its first and last rows: a retried batch holds the same rows."""
+    files, rows = batch["source_file"], batch["source_row"]
+    return f"{files[0]}:{rows[0]}:{files[-1]}:{rows[-1]}:{batch.num_rows}"
+
+
+def killer_batch_errors(batch: pa.Table, crashes: int) -> pa.Array:
+    """`file_error` for each row of a batch that killed its replica every time: the input
+    file and the rows of it in the batch, so that a person can find the messages."""
+    spans: dict[str, tuple[int, int]] = {}
+    for file, row in zip(batch["source_file"].to_pylist(), batch["source_row"].to_pylist()):
+        first, last = spans.get(file, (row, row))
+        spans[file] = (min(first, row), max(last, row))
+    errors = {file: f"rows {first}-{last} killed the model replica scoring them {crashes} times (a crash in native "
+                    "code, or out of memory): look at those messages; nothing of this file is committed"
+              for file, (first, last) in spans.items()}
+    return pa.array([errors[file] for file in batch["source_file"].to_pylist()], pa.string())
 
 
 def score(cfg: ScoreConfig, log=print) -> dict:
     """Scores `cfg.input` into the Delta table `cfg.output`; returns the run summary. Files that
-    could not be read are in `files_failed` (the others are committed)."""
+    failed (unreadable, or a batch of them kept killing its replica) are in `files_failed`; the
+    others are committed."""
     started = time.time()
     metadata = saved.read_metadata(cfg.model)  # a model that cannot load fails before any work
     if not storage.exists(storage.join(cfg.model, metadata["weights"]["file"])):
@@ -181,6 +233,16 @@ def score(cfg: ScoreConfig, log=print) -> dict:
     return summary
 
 
+class ScoringFailed(RuntimeError):
+    """The Ray Data pipeline failed as a whole; nothing of the run is committed."""
+
+
+def last_line(error: Exception) -> str:
+    """The last line of an error's text: for Ray's errors, the root cause ("SomeError: why")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
 @dataclass
 class Run:
     """What the driver settled before any Ray work."""
@@ -208,10 +270,14 @@ def score_into_table(cfg: ScoreConfig, run: Run, summary: dict, log) -> None:
     log(f"scoring {len(run.to_score)} of {summary['files_seen']} files from {cfg.input} with {cfg.model} "
         f"({run.model_version}), {cfg.replicas} replica(s), {precision}, into {table.url}")
     try:
-        files, read_errors, nodes = written_files(dataset.take_all())
+        try:
+            written = dataset.take_all()
+        except Exception as error:  # Ray's errors wrap the cause in tracebacks: name it in one line
+            raise ScoringFailed(f"the scoring pipeline failed: {last_line(error)}") from error
+        files, file_errors, nodes = written_files(written)
         summary["replica_nodes"] = nodes
-        summary["files_failed"].update(read_errors)
-        scored = [f for f in run.to_score if f.url not in read_errors]
+        summary["files_failed"].update(file_errors)
+        scored = [f for f in run.to_score if f.url not in file_errors]
         for file in scored:  # an input with no rows still gets its (empty) file: the log records it as scored
             if file.url not in files:
                 files[file.url] = [write_file(table.fs, table.path, run.run_id, run.data_schema.empty_table(), file.url)]
@@ -223,7 +289,6 @@ def score_into_table(cfg: ScoreConfig, run: Run, summary: dict, log) -> None:
                               "files_failed": summary["files_failed"]}}
         result = table.commit(run.state, output, schema, record, log)
     finally:
-        storage.remove(fault_marker(run))
         # This run's files that no commit names (all of them if it failed; those of unreadable
         # inputs, of retried tasks, of inputs another run committed first): nothing will read them.
         table.delete(table.own_files(run.run_id), table.read_state())
@@ -249,11 +314,14 @@ def scoring_pipeline(cfg: ScoreConfig, run: Run):
     """(the Ray Data pipeline: read -> tokenize -> score -> write, the replicas' precision)."""
     import ray
     import ray.data
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     batch_rows = cfg.batch_size or RAY_BATCH_ROWS["gpu" if use_gpu else "cpu"]
     precision = resolve_precision(cfg.precision, use_gpu)
     reserved_cpus = replica_cpu_reservation(cfg.replicas, cfg.cpus_per_replica, ray.cluster_resources().get("CPU", 1))
+    batch_starts = ray.remote(num_cpus=0)(BatchStarts).options(  # beside the driver: lost only with it
+        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)).remote()
     dataset = (
         ray.data.from_items([{"path": f.url} for f in run.to_score], override_num_blocks=len(run.to_score))
         .map_batches(_read_files, batch_size=1, batch_format="pyarrow", num_cpus=TASK_CPUS,
@@ -266,8 +334,7 @@ def scoring_pipeline(cfg: ScoreConfig, run: Run):
                      num_cpus=reserved_cpus, num_gpus=1 if use_gpu else 0,
                      fn_constructor_kwargs={"model_url": cfg.model, "threads": cfg.cpus_per_replica,
                                             "model_name": cfg.model, "precision": precision,
-                                            "fail_once_at_batch": cfg.fail_once_at_batch,
-                                            "fault_marker": fault_marker(run)})
+                                            "model_version": run.model_version, "batch_starts": batch_starts})
         .map_batches(write_data_files, batch_size=WRITE_BATCH_ROWS, batch_format="pyarrow", num_cpus=TASK_CPUS,
                      fn_kwargs={"table_url": run.table.url, "run_id": run.run_id, "data_schema": run.data_schema})
     )
@@ -276,10 +343,6 @@ def scoring_pipeline(cfg: ScoreConfig, run: Run):
     # bringing up nodes has this long).
     dataset.context.wait_for_min_actors_s = REPLICA_START_TIMEOUT_S
     return dataset, precision
-
-
-def fault_marker(run: Run) -> str:
-    return f"{run.table.url}.fault-drill-{run.run_id}"
 
 
 def replica_node() -> str:

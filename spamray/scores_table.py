@@ -42,7 +42,7 @@ PARTITIONS = {"source_file": pa.string(), "source_size": pa.int64(), "source_ver
 COMMIT_ATTEMPTS = 20
 OLD_FORMAT_MANIFEST = "_manifest.json"
 WRITTEN = pa.schema([("path", pa.string()), ("source_file", pa.string()), ("rows", pa.int64()),
-                     ("bytes", pa.int64()), ("stats", pa.string()), ("read_error", pa.string()),
+                     ("bytes", pa.int64()), ("stats", pa.string()), ("file_error", pa.string()),
                      ("replica_nodes", pa.string())])
 
 
@@ -83,7 +83,7 @@ class RunOutput:
     mode: str  # "create" (the table must hold no scores), "overwrite" or "incremental"
     inputs: dict[str, InputFile]
     files: dict[str, list[WrittenFile]]
-    failed: set[str] = field(default_factory=set)  # inputs that could not be read: their old rows stay
+    failed: set[str] = field(default_factory=set)  # inputs that failed this run: their old rows stay
 
 
 @dataclass
@@ -302,21 +302,22 @@ def delta_columns(schema: pa.Schema) -> dict[str, str]:
 # -- writing (in the writer tasks) ------------------------------------------------------------
 def write_data_files(batch: pa.Table, table_url: str, run_id: str, data_schema: pa.Schema) -> pa.Table:
     """Writes the batch's rows into the table folder, one Parquet file per input file, and
-    returns a row per file (WRITTEN). Rows that report a read error are not data: they come
-    back as rows with `read_error` set, so the driver can leave that input out."""
+    returns a row per file (WRITTEN). Rows that report their input failed (unreadable, or
+    a batch that kept killing its replica) are not data: they come back as one row per input
+    with `file_error` set, so the driver can leave that input out."""
     fs, root = storage.url_to_fs(table_url)
     written = []
-    errors = batch.filter(pc.is_valid(batch["read_error"]))
-    for row in errors.select(["source_file", "read_error"]).to_pylist():
-        written.append({"path": None, "source_file": row["source_file"], "rows": 0, "bytes": 0, "stats": None,
-                        "read_error": row["read_error"], "replica_nodes": None})
-    rows = batch.filter(pc.is_null(batch["read_error"]))
+    errors = batch.filter(pc.is_valid(batch["file_error"])).select(["source_file", "file_error"])
+    for source, error in dict(zip(errors["source_file"].to_pylist(), errors["file_error"].to_pylist())).items():
+        written.append({"path": None, "source_file": source, "rows": 0, "bytes": 0, "stats": None,
+                        "file_error": error, "replica_nodes": None})
+    rows = batch.filter(pc.is_null(batch["file_error"]))
     sources = rows["source_file"].combine_chunks().dictionary_encode()
     for index, source in enumerate(sources.dictionary.to_pylist()):
         part = rows.filter(pc.equal(sources.indices, index))
         nodes = ",".join(sorted(set(part["replica_node"].to_pylist()))) if "replica_node" in part.column_names else None
         file = write_file(fs, root, run_id, part.select(data_schema.names).cast(data_schema), source)
-        written.append({**asdict(file), "read_error": None, "replica_nodes": nodes})
+        written.append({**asdict(file), "file_error": None, "replica_nodes": nodes})
     return pa.Table.from_pylist(written, schema=WRITTEN)
 
 
@@ -353,8 +354,8 @@ def written_files(rows: list[dict]) -> tuple[dict[str, list[WrittenFile]], dict[
     """The writer tasks' rows, as (input -> its files, input -> read error, the replicas' nodes)."""
     files, errors, nodes = defaultdict(list), {}, set()
     for row in rows:
-        if row["read_error"] is not None:
-            errors[row["source_file"]] = row["read_error"]
+        if row["file_error"] is not None:
+            errors[row["source_file"]] = row["file_error"]
         else:
             files[row["source_file"]].append(WrittenFile(row["path"], row["source_file"], row["rows"], row["bytes"], row["stats"]))
             nodes.update(filter(None, (row["replica_nodes"] or "").split(",")))

@@ -89,7 +89,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     cfg = TrainConfig(**config["train"])
-    labels, pad_to, fault_marker = config["labels"], config["pad_to"], config["fault_marker"]
+    labels, pad_to = config["labels"], config["pad_to"]
     context = ray.train.get_context()
     torch.set_num_threads(cfg.cpus_per_worker)
     torch.manual_seed(cfg.seed)
@@ -142,10 +142,6 @@ def train_loop_per_worker(config: dict) -> None:
             recent.append(batch)
             state["examples_seen"] += len(batch[2]) * world
             state["global_step"] += 1
-            if cfg.fail_once_at_step == state["global_step"] and context.get_world_rank() == 0 \
-                    and not storage.exists(fault_marker):
-                storage.write_bytes(fault_marker, b"failed once on purpose\n")
-                raise RuntimeError(f"fault drill: failing once at global step {state['global_step']}")
             if state["global_step"] % cfg.eval_freq == 0:
                 history["train_losses"].append(estimate(model, recent, device)[0])
                 history["val_losses"].append(estimate(model, validation_batches, device)[0])
@@ -188,8 +184,10 @@ def report_with_checkpoint(metrics: dict, classifier: TextClassifier, optimizer,
 
 
 def default_run_name(cfg: TrainConfig) -> str:
-    """The same settings give the same name, so starting them again resumes the same run."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("storage_path", "shared_storage", "run_name", "overwrite", "fail_once_at_step")}
+    """The same training settings give the same name, so starting them again resumes the same
+    run (where the classifier is saved, and where checkpoints go, are not training settings)."""
+    ignored = ("output", "overwrite", "storage_path", "shared_storage", "run_name")
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ignored}
     return "spamray-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -236,8 +234,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 for name in ("train", "validation")}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": asdict(cfg), "labels": labels, "pad_to": pad_to,
-                           "fault_marker": storage.join(storage_path, run_name, f"fault-drill-step-{cfg.fail_once_at_step}")},
+        train_loop_config={"train": asdict(cfg), "labels": labels, "pad_to": pad_to},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=run_name, storage_path=storage_path,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import os
+import subprocess
+import sys
 import uuid
 from importlib import resources
 from pathlib import Path
@@ -136,3 +138,15 @@ def prepared_sms(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("prepared") / "sms"
     prepare(PrepareConfig(output=str(folder)), log=lambda *_: None)
     return str(folder)
+
+
+SPAMRAY = "import sys\nfrom spamray.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+
+
+def spamray_process(code: str, args: list[str], stdout=subprocess.PIPE, **extra_env) -> subprocess.Popen:
+    """`spamray ARGS` in a process (and session) of its own: `code` is SPAMRAY, or SPAMRAY after
+    test-only changes made in that process (never options). It starts a local Ray of its own."""
+    env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", **extra_env}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, start_new_session=True,
+                            stdout=stdout, stderr=subprocess.PIPE, text=True)

@@ -2,6 +2,7 @@
 head and worker raylets), storage on the loopback S3 endpoint, the driver joining through
 RAY_ADDRESS as under `ray job submit`."""
 
+import json
 import os
 import subprocess
 import sys
@@ -11,8 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import SPAMRAY
 from test_cluster import RAY, free_port, job_status, submit
 
+from spamray import TextClassifier
 from spamray.scores_table import ScoresTable
 
 
@@ -38,9 +41,7 @@ SCORE_WITH_SMALL_WRITES = """
 import sys
 import spamray.score
 spamray.score.WRITE_BATCH_ROWS = 64
-from spamray.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+""" + SPAMRAY
 
 
 def driver_env(cluster) -> dict:
@@ -139,3 +140,43 @@ def test_a_worker_node_lost_mid_scoring_leaves_every_row_once(two_worker_cluster
         assert rerun.returncode == 0, rerun.stderr[-3000:]
     frame = table.read().to_pandas()
     assert len(frame) == 5200 and not frame.duplicated(["source_file", "source_row"]).any()
+
+
+def latest_checkpoint_epoch(place, run_name: str) -> int:
+    """The epoch of the latest checkpoint Ray Train has registered (0 before the first)."""
+    snapshot = f"{place.path}/runs/{run_name}/checkpoint_manager_snapshot.json"
+    if not place.fs.exists(snapshot):
+        return 0
+    latest = json.loads(place.fs.cat_file(snapshot)).get("latest_checkpoint_result") or {}
+    return latest.get("metrics", {}).get("epoch", 0)
+
+
+def test_training_across_nodes_resumes_from_its_checkpoint_after_losing_a_node(two_worker_cluster, prepared_sms,
+                                                                               s3_place):
+    # A worker per node, data, checkpoints and the classifier on S3. Lost after the first epoch's
+    # checkpoint, the node's worker is restarted on a node added in its place (as an autoscaler
+    # would), and training goes on from that checkpoint.
+    cluster, workers, _ = two_worker_cluster
+    place = s3_place
+    data = place.upload(prepared_sms, "data")
+    epochs, steps_per_epoch = 3, 1045 // 2 // 8  # each worker: half the training split, in batches of 8
+    command = [sys.executable, "-m", "spamray.cli", "train", "--data", data, "--output", place.join("model"),
+               "--weights", "random", "--preset", "gpt2-tiny", "--trainable", "all", "--learning-rate", "5e-4",
+               "--epochs", str(epochs), "--num-workers", "2", "--cpus-per-worker", "1", "--max-failures", "1",
+               "--storage-path", place.join("runs"), "--run-name", "lost-node"]
+    run = subprocess.Popen(command, env=driver_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and run.poll() is None and latest_checkpoint_epoch(place, "lost-node") < 1:
+        time.sleep(0.2)
+    checkpointed = latest_checkpoint_epoch(place, "lost-node")
+    assert run.poll() is None and checkpointed == 1, "training ended, or made no checkpoint, before a node was lost"
+    cluster.remove_node(workers[1])
+    cluster.add_node(num_cpus=1)
+    stdout, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr[-3000:]
+    training = TextClassifier.load(place.join("model")).metrics["training"]
+    assert training["resumed_from_epoch"] == checkpointed  # from the checkpoint, not from step 0
+    assert training["global_step"] == epochs * steps_per_epoch - 1  # no step counted twice
+    assert training["examples_seen"] == epochs * steps_per_epoch * 8 * 2
+    digests = training["replica_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]

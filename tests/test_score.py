@@ -1,6 +1,7 @@
 """Bulk scoring through Ray Data: same predictions as in-process, every row once, whole outputs."""
 
 import os
+import shutil
 import time
 
 import fsspec
@@ -18,6 +19,7 @@ from spamray.config import ScoreConfig
 from spamray.inputs import InputFile
 from spamray.score import Scorer, resolve_precision, score, tokenize_batch
 from spamray.scores_table import ScoresTable, WrittenFile, audit_written
+from conftest import SPAMRAY, spamray_process
 
 quiet = dict(log=lambda *_: None)
 
@@ -92,14 +94,108 @@ def test_pipeline_equals_the_in_process_classifier_row_by_row(ray_local, model_u
     assert set(frame["sender"]) == {"a", "b", "c"} and frame["model_version"].nunique() == 1
 
 
-def test_a_replica_that_dies_once_loses_nothing(ray_local, model_url, mixed_archive, tmp_path):
-    out = tmp_path / "scores"
-    summary = score(ScoreConfig(model=model_url, input=str(mixed_archive), output=str(out), batch_size=16,
-                                read_batch_rows=50, fail_once_at_batch=3), **quiet)
-    frame = read_output(str(out))
-    assert len(frame) == summary["rows_written"] == 510
-    assert not frame.duplicated(["source_file", "source_row"]).any()
-    assert unreferenced_files(str(out)) == []
+# `spamray score` in a process of its own whose replicas are killed (SIGKILL, as a crash in native
+# code or the out-of-memory killer would) while scoring a batch that holds row KILL_ROW of the
+# file KILL_FILE: every time, or once when KILL_ONCE_MARKER names a file. A test-only change made
+# in that process, not an option. Each kill is logged to KILLS_LOG.
+SCORE_KILLING_REPLICAS = """
+import os, signal, sys
+import spamray.score
+
+class KillingScorer(spamray.score.Scorer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        score = self.classifier.score_token_ids
+        def score_or_die(*args, **kwargs):
+            rows = zip(self.batch["source_file"].to_pylist(), self.batch["source_row"].to_pylist())
+            marker = os.environ.get("KILL_ONCE_MARKER")
+            if (os.environ["KILL_FILE"], int(os.environ["KILL_ROW"])) in {(f.rsplit("/", 1)[-1], r) for f, r in rows} \\
+                    and not (marker and os.path.exists(marker)):
+                with open(os.environ["KILLS_LOG"], "a") as log:
+                    log.write("killed\\n")
+                if marker:
+                    open(marker, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return score(*args, **kwargs)
+        self.classifier.score_token_ids = score_or_die
+
+    def __call__(self, batch):
+        self.batch = batch
+        return super().__call__(batch)
+
+spamray.score.Scorer = KillingScorer
+""" + SPAMRAY
+
+
+def score_killing_replicas(model_url, archive, out, tmp_path, once: bool):
+    env = {"KILL_FILE": "part-1.parquet", "KILL_ROW": "40", "KILLS_LOG": str(tmp_path / "kills.log")}
+    if once:
+        env["KILL_ONCE_MARKER"] = str(tmp_path / "killed-once")
+    run = spamray_process(SCORE_KILLING_REPLICAS, ["score", "--model", model_url, "--input", archive, "--output", out,
+                                                   "--batch-size", "16", "--read-batch-rows", "50",
+                                                   "--cpus-per-replica", "1"], **env)
+    stdout, stderr = run.communicate(timeout=300)
+    kills = (tmp_path / "kills.log").read_text().count("killed") if (tmp_path / "kills.log").exists() else 0
+    return run.returncode, stdout + stderr, kills
+
+
+def test_a_replica_killed_once_loses_nothing(model_url, mixed_archive, tmp_path):
+    out = str(tmp_path / "scores")
+    code, output, kills = score_killing_replicas(model_url, str(mixed_archive), out, tmp_path, once=True)
+    assert (code, kills) == (0, 1), output[-3000:]  # the batch went to the restarted replica
+    frame = read_output(out)
+    assert len(frame) == 510 and not frame.duplicated(["source_file", "source_row"]).any()
+    assert unreferenced_files(out) == []
+
+
+def test_a_batch_that_kills_every_replica_fails_its_file_after_bounded_restarts(model_url, mixed_archive, tmp_path):
+    # Ray Data restarts replicas and retries their batches without limit: without a bound this
+    # run would never end.
+    out = str(tmp_path / "scores")
+    code, output, kills = score_killing_replicas(model_url, str(mixed_archive), out, tmp_path, once=False)
+    assert code == 1 and kills == spamray.score.MAX_BATCH_STARTS, output[-3000:]
+    failed = next(line for line in output.splitlines() if line.startswith("FAILED"))
+    assert "part-1.parquet" in failed and "killed the model replica scoring them 3 times" in failed
+    first, last = map(int, failed.split("rows ")[1].split(" ")[0].split("-"))
+    assert first <= 40 <= last and last - first < 16  # the rows of the batch that killed it
+    frame = read_output(out)  # the other files are committed, nothing of part-1
+    assert sorted(set(frame["source_file"].str.rsplit("/", n=1).str[-1])) == ["part-2.parquet", "part-3.csv"]
+    assert len(frame) == 510 - 302 and unreferenced_files(out) == []  # all rows but part-1's 302
+
+
+def test_a_model_overwritten_as_the_run_starts_fails_the_run_rather_than_mix_versions(
+        ray_local, model_url, sms_messages, tmp_path, monkeypatch, capsys):
+    # Retrained to the same URL after the run recorded its model version, before its replicas
+    # load it: no row may be scored by a model other than the one the run records.
+    model = tmp_path / "model"
+    shutil.copytree(model_url, model)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    pq.write_table(pa.table({"text": sms_messages[:300]}), archive / "a.parquet")
+    recorded = TextClassifier.load(str(model)).version
+    retrained = TextClassifier.load(str(model))
+    torch.nn.init.normal_(retrained.gpt.out_head.weight)
+    retrained.save(str(tmp_path / "retrained"))
+    new_version = TextClassifier.load(str(tmp_path / "retrained")).version
+    real_pipeline = spamray.score.scoring_pipeline
+
+    def retrain_then_start(cfg, run):
+        retrained.save(str(model), overwrite=True)
+        return real_pipeline(cfg, run)
+
+    monkeypatch.setattr(spamray.score, "scoring_pipeline", retrain_then_start)
+    out = str(tmp_path / "scores")
+    args = ["score", "--model", str(model), "--input", str(archive), "--output", out, "--replicas", "2",
+            "--cpus-per-replica", "1", "--incremental"]
+    assert main(args) == 1
+    error = capsys.readouterr().err
+    assert recorded != new_version
+    assert f"the run recorded model version {recorded}, a replica loaded {new_version}" in error
+    assert len(read_output(out)) == 0 and unreferenced_files(out) == []
+
+    monkeypatch.setattr(spamray.score, "scoring_pipeline", real_pipeline)
+    assert main(args) == 0  # run again: every row with the new model
+    assert set(read_output(out)["model_version"]) == {new_version} and len(read_output(out)) == 300
 
 
 def test_output_streams_out_in_files_of_bounded_size(ray_local, model_url, sms_messages, tmp_path, monkeypatch):

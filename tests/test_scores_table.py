@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import spamray
+from conftest import SPAMRAY, spamray_process
 from spamray import TextClassifier
 from spamray.cli import main
 from spamray.config import ScoreConfig
@@ -128,9 +129,7 @@ if os.environ.get("DIE_IN_COMMIT_AFTER_S"):
         real_commit(self, *args, **kwargs)
         die()
     scores_table.ScoresTable._commit_once = commit_and_die
-from spamray.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+""" + SPAMRAY
 
 
 def score_command(model_url, archive, out, *extra):
@@ -139,10 +138,7 @@ def score_command(model_url, archive, out, *extra):
 
 
 def spamray_score(args, **extra_env):
-    env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", **extra_env}
-    env.pop("RAY_ADDRESS", None)  # each run starts a local Ray of its own
-    return subprocess.Popen([sys.executable, "-c", SCORE, *args], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return spamray_process(SCORE, args, stdout=subprocess.DEVNULL, **extra_env)
 
 
 @pytest.mark.parametrize("moment", ["while writing", "during the commit"])
@@ -196,12 +192,12 @@ def test_a_file_that_breaks_part_way_ends_in_a_read_error_that_the_writer_keeps_
     broken.write_bytes(b"text\n" + b"a fine message\n" * 400_000 + b'"two","columns"\n')
     chunks = list(read_chunks(str(broken), "text", {}, chunk_rows=100_000))
     assert sum(c.num_rows for c in chunks[:-1]) >= 100_000 and chunks[-1]["source_row"].to_pylist() == [-1]
-    assert chunks[-1]["status"].to_pylist() == ["read_error"] and "Expected 1 columns" in chunks[-1]["read_error"][0].as_py()
+    assert chunks[-1]["status"].to_pylist() == ["read_error"] and "Expected 1 columns" in chunks[-1]["file_error"][0].as_py()
     rows = pa.concat_tables([chunks[0].slice(0, 5), chunks[-1]]).append_column("n_tokens", pa.array([1] * 6, pa.int32()))
     schema = pa.schema([("source_row", pa.int64()), ("status", pa.string()), ("n_tokens", pa.int32())])
     (tmp_path / "table").mkdir()
     written = write_data_files(rows, str(tmp_path / "table"), "run-1", schema).to_pylist()
-    assert [(w["rows"], w["read_error"] is None) for w in written] == [(0, False), (5, True)]
+    assert [(w["rows"], w["file_error"] is None) for w in written] == [(0, False), (5, True)]
     assert pq.read_table(tmp_path / "table" / written[1]["path"]).column_names == schema.names
 
 

@@ -1,11 +1,15 @@
 """Fine-tuning on Ray Train: two workers, recovery from a checkpoint, pretrained weights by path."""
 
 import json
+import time
+from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from safetensors.torch import load_file
 
+from conftest import SPAMRAY, spamray_process
 from spamray import TextClassifier
 from spamray.cli import main
 from spamray.config import TrainConfig
@@ -33,19 +37,44 @@ def test_two_workers_learn_and_stay_identical(ray_local, prepared_sms, tmp_path)
         assert (tmp_path / "model" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_failed_worker_resumes_from_the_last_checkpoint(ray_local, prepared_sms, tmp_path):
-    # One worker, 130 steps an epoch (1,045 // 8): fail once in epoch 2, after the first checkpoint.
-    cfg = tiny_config(tmp_path, prepared_sms, epochs=2, num_workers=1, cpus_per_worker=2,
-                      fail_once_at_step=140, max_failures=1)
-    metrics = train(cfg, log=lambda *_: None)
+def latest_checkpoint_epoch(storage_path: Path) -> int:
+    """The epoch of the latest checkpoint Ray Train has registered for the one run under
+    `storage_path` (0 before the first)."""
+    snapshots = list(storage_path.glob("*/checkpoint_manager_snapshot.json"))
+    if not snapshots:
+        return 0
+    latest = json.loads(snapshots[0].read_text()).get("latest_checkpoint_result") or {}
+    return latest.get("metrics", {}).get("epoch", 0)
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, prepared_sms, tmp_path):
+    # One worker, 130 steps an epoch (1,045 // 8), in a `spamray train` process of its own: once
+    # Ray Train has registered the first epoch's checkpoint, the worker's process is killed
+    # (SIGKILL, as a crash or the out-of-memory killer would).
+    args = ["train", "--data", prepared_sms, "--output", str(tmp_path / "model"), "--weights", "random",
+            "--preset", "gpt2-tiny", "--trainable", "all", "--learning-rate", "5e-4", "--epochs", "2",
+            "--eval-freq", "10", "--num-workers", "1", "--cpus-per-worker", "2", "--max-failures", "1",
+            "--storage-path", str(tmp_path / "runs")]
+    run = spamray_process(SPAMRAY, args)
+    deadline = time.time() + 300
+    while time.time() < deadline and run.poll() is None and latest_checkpoint_epoch(tmp_path / "runs") < 1:
+        time.sleep(0.1)
+    workers = [p for p in psutil.Process(run.pid).children(recursive=True) if p.name().startswith("ray::RayTrainWor")]
+    assert run.poll() is None and len(workers) == 1, "training ended, or has no worker, before the kill"
+    workers[0].kill()
+    stdout, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr[-3000:]
+    metrics = TextClassifier.load(str(tmp_path / "model")).metrics
     training = metrics["training"]
     assert training["resumed_from_epoch"] == 1  # restarted from epoch 1's checkpoint, not step 0
-    assert training["global_step"] == 2 * 130 - 1  # no step run twice in the count
+    assert training["global_step"] == 2 * 130 - 1  # no step counted twice
     assert training["examples_seen"] == 2 * 130 * 8
-    assert (tmp_path / "runs" / metrics["settings"]["run_name"] / "fault-drill-step-140").exists()
 
-    # Started again with the same settings after it finished: nothing is trained twice.
-    again = train(TrainConfig(**{**vars(cfg), "output": str(tmp_path / "model-again")}), log=lambda *_: None)
+    # Started again with the same settings (saving elsewhere) after it finished: nothing is trained twice.
+    cfg = tiny_config(tmp_path, prepared_sms, output=str(tmp_path / "model-again"), epochs=2, num_workers=1,
+                      cpus_per_worker=2)
+    again = train(cfg, log=lambda *_: None)
+    assert again["training"]["resumed_from_epoch"] == 2  # the finished run's final checkpoint, handed back
     assert again["training"]["global_step"] == 2 * 130 - 1 and again["training"]["examples_seen"] == 2 * 130 * 8
     assert again["test_accuracy"] == metrics["test_accuracy"]
 

@@ -73,6 +73,8 @@ class TrainConfig:
     run_name: str | None = option(None, "Ray Train run name: start again with the same name and storage "
                                   "path to resume (default: derived from these settings)")
     max_failures: int = option(1, "worker failures to recover from (from the last checkpoint)")
+    data_timeout_s: float = option(600.0, "a worker waiting longer than this for its next batch fails, and is "
+                                   "retried from the last checkpoint: a stalled data pipeline never hangs a run")
     overwrite: bool = option(False, "replace an existing output folder")
 
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import queue
 import tempfile
+import threading
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -76,6 +79,51 @@ def estimate(model, batches, device) -> tuple[float, float]:
     return float(np.mean(losses)) if losses else float("nan"), correct / max(seen, 1)
 
 
+class DataStalled(RuntimeError):
+    """No batch arrived in time: the data pipeline feeding a worker has stalled."""
+
+
+def arriving_within(batches: Iterable, timeout_s: float, what: str) -> Iterator:
+    """Yields `batches`, raising DataStalled when the next one takes longer than `timeout_s` to
+    arrive. A stalled pipeline then fails the attempt, which Ray Train retries from the last
+    checkpoint (--max-failures), instead of a run that waits for ever. Only the waits count,
+    not the training steps between them."""
+    arrived: queue.Queue = queue.Queue(maxsize=2)
+    finished, stop = object(), threading.Event()
+
+    def fetch() -> None:
+        try:
+            for item in itertools.chain(batches, [finished]):
+                while not stop.is_set():
+                    try:
+                        arrived.put(item, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as error:  # handed to the consumer, which raises it
+            arrived.put(error)
+
+    threading.Thread(target=fetch, daemon=True, name=f"fetch {what}").start()
+    try:
+        while True:
+            try:
+                item = arrived.get(timeout=timeout_s)
+            except queue.Empty:
+                raise DataStalled(f"no {what} batch arrived in {timeout_s:g} s: the data pipeline feeding this worker "
+                                  "has stalled. Ray Train retries from the last checkpoint (--max-failures); if it "
+                                  "stalls again, look at the Ray Data logs, or raise --data-timeout-s for data "
+                                  "that is slow to arrive") from None
+            if item is finished:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
@@ -119,8 +167,9 @@ def train_loop_per_worker(config: dict) -> None:
     history = state["history"]
 
     # The book estimates validation loss on the first eval_iter batches: read them once.
-    validation_batches = list(itertools.islice(
-        validation.iter_torch_batches(batch_size=cfg.batch_size, collate_fn=collate, device="cpu"), cfg.eval_iter))
+    validation_batches = list(itertools.islice(arriving_within(
+        validation.iter_torch_batches(batch_size=cfg.batch_size, collate_fn=collate, device="cpu"),
+        cfg.data_timeout_s, "validation"), cfg.eval_iter))
 
     recent = deque(maxlen=cfg.eval_iter)  # the latest training batches, to estimate train loss
     if state["epoch"] >= cfg.epochs:  # the run had finished: hand its final state back as the result
@@ -134,7 +183,7 @@ def train_loop_per_worker(config: dict) -> None:
         batches = train_shard.iter_torch_batches(batch_size=cfg.batch_size, collate_fn=collate, device="cpu",
                                                  drop_last=True, local_shuffle_buffer_size=4096,
                                                  local_shuffle_seed=cfg.seed + epoch)
-        for batch in batches:
+        for batch in arriving_within(batches, cfg.data_timeout_s, "training"):
             optimizer.zero_grad()
             loss, _ = batch_loss(model, batch, device)
             loss.backward()
@@ -185,8 +234,9 @@ def report_with_checkpoint(metrics: dict, classifier: TextClassifier, optimizer,
 
 def default_run_name(cfg: TrainConfig) -> str:
     """The same training settings give the same name, so starting them again resumes the same
-    run (where the classifier is saved, and where checkpoints go, are not training settings)."""
-    ignored = ("output", "overwrite", "storage_path", "shared_storage", "run_name")
+    run (where the classifier and checkpoints go, and how failures are handled, are not training
+    settings)."""
+    ignored = ("output", "overwrite", "storage_path", "shared_storage", "run_name", "max_failures", "data_timeout_s")
     settings = {k: v for k, v in asdict(cfg).items() if k not in ignored}
     return "spamray-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 

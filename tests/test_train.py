@@ -1,11 +1,13 @@
 """Fine-tuning on Ray Train: two workers, recovery from a checkpoint, pretrained weights by path."""
 
 import json
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import psutil
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -13,7 +15,7 @@ from conftest import SPAMRAY, spamray_process
 from spamray import TextClassifier
 from spamray.cli import main
 from spamray.config import TrainConfig
-from spamray.train import train
+from spamray.train import DataStalled, arriving_within, train
 
 
 def tiny_config(tmp_path, prepared, **overrides):
@@ -105,3 +107,33 @@ def test_bad_training_input(ray_local, prepared_sms, tmp_path, capsys):
     assert "unknown trainable policy 'some'" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path), prepared_sms]) == 1
     assert "is not a spamray classifier" in capsys.readouterr().err
+
+
+def test_a_stalled_data_pipeline_fails_the_attempt_instead_of_hanging():
+    never = threading.Event()
+
+    def stalls_after(n):
+        yield from range(n)
+        never.wait()  # as an iterator whose next block never comes
+
+    batches = arriving_within(stalls_after(3), timeout_s=0.2, what="training")
+    assert [next(batches) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(DataStalled, match="no training batch arrived in 0.2 s.*--max-failures.*--data-timeout-s"):
+        next(batches)
+    never.set()
+
+
+def test_only_waiting_for_data_counts_against_the_timeout_and_errors_come_through():
+    def slow_steps():
+        for batch in arriving_within(iter(range(4)), timeout_s=0.1, what="training"):
+            time.sleep(0.2)  # a training step longer than the timeout: not a stall
+            yield batch
+
+    assert list(slow_steps()) == [0, 1, 2, 3]
+
+    def breaks():
+        yield 1
+        raise ValueError("block 2 is corrupt")
+
+    with pytest.raises(ValueError, match="block 2 is corrupt"):
+        list(arriving_within(breaks(), timeout_s=5, what="training"))

@@ -187,7 +187,7 @@ def test_training_whose_workers_hold_every_cpu_of_the_cluster_finishes(two_worke
     # iter_torch_batches). The splits are materialized before training, so Ray Data needs no CPU
     # to feed the workers; a batch that still fails to arrive within --data-timeout-s fails the
     # attempt, which is retried from the last checkpoint, so a run never waits for ever. This
-    # layout also runs in the node-loss test above; 17 more tries by hand never stalled.
+    # layout also runs in the node-loss test above; 21 tries by hand never stalled.
     cluster, _, _ = two_worker_cluster
     data = s3_place.upload(prepared_sms, "data")
     command = [sys.executable, "-m", "spamray.cli", "train", "--data", data, "--output", s3_place.join("model"),

@@ -30,7 +30,11 @@ def tokenizer_identity() -> dict:
 
 
 class GPT2Tokenizer:
-    """Encodes text to GPT-2 token ids; `<|endoftext|>` (50256) is both the special token and the pad."""
+    """Encodes text to GPT-2 token ids, pads with `<|endoftext|>` (50256).
+
+    Messages are untrusted text: special-token text inside one (a sender can write
+    "<|endoftext|>") is encoded as the ordinary characters it is, never as 50256, which would
+    let a message pass for padding and shift its own prediction. Only padding uses 50256."""
 
     pad_id = PAD_ID
 
@@ -39,12 +43,12 @@ class GPT2Tokenizer:
         self.n_vocab = encoding.n_vocab
 
     def encode(self, text: str, max_length: int | None = None) -> list[int]:
-        """Token ids of one text; `<|endoftext|>` written in the text becomes 50256, as in the book.
+        """Token ids of one text, special-token text included as ordinary text (see the class).
 
         With `max_length`, the ids are cut to the first `max_length` tokens.
         """
         _check_text(text, where="text")
-        ids = self.encoding.encode(text, allowed_special={ENDOFTEXT})
+        ids = self.encoding.encode_ordinary(text)
         return ids if max_length is None else ids[:max_length]
 
     def encode_batch(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
@@ -53,7 +57,7 @@ class GPT2Tokenizer:
             raise TypeError("encode_batch takes a sequence of texts, not one string; use encode()")
         for index, text in enumerate(texts):
             _check_text(text, where=f"text at index {index}")
-        batch = self.encoding.encode_batch(list(texts), allowed_special={ENDOFTEXT})
+        batch = self.encoding.encode_ordinary_batch(list(texts))
         return batch if max_length is None else [ids[:max_length] for ids in batch]
 
     def pad(self, batch: Sequence[Sequence[int]], length: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -3,6 +3,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 import spamray
@@ -20,7 +21,6 @@ def test_encodes_like_gpt2_offline_with_an_empty_cache(tmp_path):
         import spamray
         tok = spamray.get_tokenizer()
         assert tok.encode("Do you have time") == [5211, 345, 423, 640], tok.encode("Do you have time")
-        assert tok.encode("<|endoftext|>") == [50256]
         assert tok.n_vocab == 50257 and tok.pad_id == 50256
         print("ok")
     """)
@@ -58,3 +58,19 @@ def test_bad_input_is_named():
         tok.encode_batch(["fine", None])
     with pytest.raises(TypeError, match="not one string"):
         tok.encode_batch("a single string")
+
+
+def test_special_token_text_in_a_message_is_ordinary_text_and_never_padding(model_url):
+    # A sender who writes "<|endoftext|>" must not get the pad id: the classifier would read
+    # the message as ending in padding, which shifted a prediction from p_spam 0.63 to 0.46.
+    tok = spamray.get_tokenizer()
+    message = "WINNER! claim your prize now"
+    ids = tok.encode(message + "<|endoftext|>")
+    assert PAD_ID not in ids and tok.decode(ids) == message + "<|endoftext|>"
+    assert tok.encode_batch([message + "<|endoftext|>", "<|endoftext|>"]) == [ids, tok.encode("<|endoftext|>")]
+    classifier = spamray.TextClassifier.load(model_url)
+    spam = classifier.labels.index("spam")
+    written = classifier.predict([message + "<|endoftext|>"])[0].probs["spam"]
+    as_text = float(classifier.score_token_ids([np.array(ids)])[0][spam])
+    as_padding = float(classifier.score_token_ids([np.array(tok.encode(message) + [PAD_ID])])[0][spam])
+    assert abs(written - as_text) < 1e-5 and abs(written - as_padding) > 1e-3

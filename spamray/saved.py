@@ -71,6 +71,10 @@ def read_metadata(url: str) -> dict:
         )
     if metadata.get("tokenizer") != tokenizer_identity():
         raise SavedClassifierError(f"{url} was trained with another tokenizer: {metadata.get('tokenizer')}")
+    weights_file = (metadata.get("weights") or {}).get("file")
+    if weights_file != WEIGHTS_FILE:  # joined to the folder's URL: anything else could read any file
+        raise SavedClassifierError(f"{metadata_url}: weights.file is {weights_file!r}; a spamray classifier keeps its "
+                                   f"weights in {WEIGHTS_FILE!r} beside {METADATA_FILE}, and nowhere else")
     return metadata
 
 

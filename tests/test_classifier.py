@@ -159,6 +159,10 @@ def edit_json(folder, change):
     (lambda f: edit_json(f, lambda r: r["model_config"].update(emb_dim=128, n_heads=2)), "has shape"),
     (lambda f: edit_json(f, lambda r: r.update(pooling="max")), "unknown pooling 'max'"),
     (lambda f: edit_json(f, lambda r: r["tokenizer"]["sha256"].update({"vocab.bpe": "0" * 64})), "another tokenizer"),
+    # joined to the folder unchecked, this once read /etc/passwd
+    (lambda f: edit_json(f, lambda r: r["weights"].update(file="../../../../../../etc/passwd")),
+     r"weights.file is '../../../../../../etc/passwd'; a spamray classifier keeps its weights in 'model.safetensors'"),
+    (lambda f: edit_json(f, lambda r: r["weights"].update(file="/etc/passwd")), "weights.file is '/etc/passwd'"),
 ])
 def test_broken_folders_say_what_is_wrong(saved_folder, breakage, message):
     breakage(saved_folder)

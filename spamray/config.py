@@ -45,8 +45,11 @@ class PrepareConfig:
 class TrainConfig:
     data: str = required("prepared folder (from `spamray prepare`) or URL")
     output: str = required("folder or URL for the saved classifier, its metrics and plots")
-    weights: str = option("gpt2", "gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded once), a Hugging Face "
-                          "checkpoint folder/URL, or 'random'")
+    weights: str = option("gpt2", "gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded once from the Hugging Face "
+                          "hub at a pinned commit, then read from its cache), a Hugging Face checkpoint "
+                          "folder/URL, or 'random'")
+    weights_revision: str | None = option(None, "hub commit to download a published --weights name at (default: "
+                                          "the one spamray pins and verifies)")
     preset: str | None = option(None, "architecture for --weights random, or a check on a checkpoint "
                                 "(gpt2-small/medium/large/xl, gpt2-mini, gpt2-tiny)")
     trainable: str = option("last_block", "head, last_block (the book), last_n_blocks:K, all, lora:RANK")

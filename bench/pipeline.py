@@ -103,7 +103,7 @@ def main() -> None:
         in_process = rate(lambda: classifier.predict(texts), len(texts), warmup=lambda: None)
         started = time.perf_counter()
         score(ScoreConfig(model=small, input=f"{work}/rows", output=f"{work}/scores-small-{index}",
-                          cpus_per_replica=cpus), log=lambda *_: None)
+                          cpus_per_replica=cpus))
         rounds.append((in_process, len(texts) / (time.perf_counter() - started)))
     print(f"GPT-2 small, {len(texts):,} rows, {cpus} CPUs, rounds of in-process then Ray Data end to end "
           "(replica start-up included): " + ", ".join(f"{a:.1f} then {b:.1f} msgs/s ({b / a:.1%})" for a, b in rounds))
@@ -115,7 +115,7 @@ def main() -> None:
         write_archive(f"{work}/archive-{rows}", rows)
         with PeakMemory() as memory:
             summary = score(ScoreConfig(model=tiny, input=f"{work}/archive-{rows}", output=f"{work}/scores-{rows}",
-                                        id_column="message_id", cpus_per_replica=cpus), log=lambda *_: None)
+                                        id_column="message_id", cpus_per_replica=cpus))
         peaks.append(memory.peak)
         print(f"gpt2-tiny, {rows:>9,} messages: {summary['rows_written']:,} rows written, "
               f"{summary['rows_per_second']:,.0f} rows/s, peak cluster memory {memory.peak / 2**30:.2f} GiB")

@@ -39,7 +39,7 @@ from spamray.cli import build_parser, config_from_args, start_ray
 from spamray.config import ScoreConfig
 from spamray.score import score
 start_ray()
-summary = score(config_from_args(ScoreConfig, build_parser().parse_args(sys.argv[1:])), log=lambda *_: None)
+summary = score(config_from_args(ScoreConfig, build_parser().parse_args(sys.argv[1:])))
 print("SUMMARY", json.dumps(summary))
 """
 

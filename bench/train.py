@@ -56,7 +56,7 @@ def main() -> None:
     import pandas as pd
 
     work = tempfile.mkdtemp(prefix="spamray-bench-train-")
-    prepare(PrepareConfig(output=f"{work}/data"), log=lambda *_: None)
+    prepare(PrepareConfig(output=f"{work}/data"))
     train_split = pd.read_parquet(f"{work}/data/train.parquet")
     texts, labels = train_split["text"].tolist(), train_split["label"].tolist()
 
@@ -75,7 +75,7 @@ def main() -> None:
         cfg = TrainConfig(data=f"{work}/data", output=f"{work}/model-{workers}", weights="random", preset=args.ray_preset,
                           trainable="all", learning_rate=5e-4, epochs=1, num_workers=workers,
                           cpus_per_worker=max(1, os.cpu_count() // workers), storage_path=f"{work}/runs")
-        metrics = train(cfg, log=lambda *_: None)
+        metrics = train(cfg)
         ray_rows.append((f"Ray Train, {workers} worker(s) x {cfg.cpus_per_worker} CPU", metrics["training"]["examples_per_second"]))
     print(f"\n{args.ray_preset} from random weights, all trainable, 1 epoch (evaluation included), {os.cpu_count()} CPUs")
     print(table(ray_rows, baseline=ray_rows[0][0], unit="examples/s"))

@@ -7,6 +7,7 @@ production job (see README).
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -17,35 +18,37 @@ from .prepare import prepare, read_labelled
 from .score import score
 from .train import train
 
+logger = logging.getLogger(__name__)
 
-def demo(cfg: DemoConfig, log=print) -> dict:
+
+def demo(cfg: DemoConfig) -> dict:
     started = time.time()
     work = Path(cfg.workdir).resolve()
     data, model, archive, scores = (str(work / name) for name in ("data", "model", "archive", "scores"))
-    log(f"spamray demo: OFFLINE, {cfg.preset} trained from RANDOM weights, all layers trainable "
+    logger.info(f"spamray demo: OFFLINE, {cfg.preset} trained from RANDOM weights, all layers trainable "
         f"(lr {cfg.learning_rate}, {cfg.epochs} epochs). For the book's model use --weights gpt2 (see README).")
 
-    log("\n== prepare: the shipped SMS Spam Collection, balanced and split 70/10/20")
-    prepare(PrepareConfig(output=data, overwrite=True), log=log)
+    logger.info("\n== prepare: the shipped SMS Spam Collection, balanced and split 70/10/20")
+    prepare(PrepareConfig(output=data, overwrite=True))
 
-    log("\n== train: Ray Train TorchTrainer")
+    logger.info("\n== train: Ray Train TorchTrainer")
     train(TrainConfig(data=data, output=model, weights="random", preset=cfg.preset, trainable="all",
                       learning_rate=cfg.learning_rate, epochs=cfg.epochs, num_workers=cfg.num_workers,
                       cpus_per_worker=max(1, 2 // cfg.num_workers), storage_path=str(work / "runs"),
-                      run_name=f"demo-{int(started)}", overwrite=True), log=log)
+                      run_name=f"demo-{int(started)}", overwrite=True))
 
-    log("\n== evaluate: the test split")
+    logger.info("\n== evaluate: the test split")
     report = evaluate(EvaluateConfig(model=model, data=data, split="test"))
-    log(format_report(report))
+    logger.info(format_report(report))
 
-    log("\n== score: all 5,574 shipped messages through the Ray Data pipeline")
+    logger.info("\n== score: all 5,574 shipped messages through the Ray Data pipeline")
     for folder in (archive, scores):  # the demo's own: made afresh (an earlier spamray's scores folder too)
         storage.remove(folder)
     Path(archive).mkdir(parents=True)
     read_labelled("sms")[["text"]].to_parquet(f"{archive}/sms.parquet")
-    summary = score(ScoreConfig(model=model, input=archive, output=scores), log=log)
+    summary = score(ScoreConfig(model=model, input=archive, output=scores))
 
     minutes = (time.time() - started) / 60
-    log(f"\ndone in {minutes:.1f} min: test accuracy {report['accuracy']:.2%}; model in {model}; "
+    logger.info(f"\ndone in {minutes:.1f} min: test accuracy {report['accuracy']:.2%}; model in {model}; "
         f"predictions in {scores}")
     return {"test_accuracy": report["accuracy"], "score": summary, "minutes": minutes}

@@ -113,15 +113,19 @@ def open_input(url: str):
     return fs.open(path, "rb", compression=file_format(url)[1])
 
 
-def file_schema(file: InputFile) -> pa.Schema:
+def file_schema(file: InputFile) -> tuple[pa.Schema, int | None]:
+    """The file's columns, and its rows where its footer says (Parquet; a CSV is not counted)."""
     with open_input(file.url) as handle:
         if file.format == "parquet":
-            return pq.read_schema(handle)
-        return pacsv.open_csv(handle, parse_options=_parse_options(file.format)).schema
+            metadata = pq.ParquetFile(handle).metadata
+            return metadata.schema.to_arrow_schema(), metadata.num_rows
+        return pacsv.open_csv(handle, parse_options=_parse_options(file.format)).schema, None
 
 
-def check_inputs(files: list[InputFile], text_column: str, carried: list[str]) -> tuple[dict[str, pa.DataType], dict[str, str]]:
-    """Before any work: (the output type of each carried column, files that cannot be read -> why).
+def check_inputs(files: list[InputFile], text_column: str,
+                 carried: list[str]) -> tuple[dict[str, pa.DataType], dict[str, str], dict[str, int | None]]:
+    """Before any work: (the output type of each carried column, files that cannot be read -> why,
+    each readable file's rows where known).
 
     A file without a needed column fails the run at once (the options are wrong, not the file);
     a file that cannot be opened is reported and left out, and the others go on. CSV columns are
@@ -130,9 +134,10 @@ def check_inputs(files: list[InputFile], text_column: str, carried: list[str]) -
     """
     types: dict[str, tuple[pa.DataType, str]] = {}
     unreadable: dict[str, str] = {}
+    rows: dict[str, int | None] = {}
     for file in files:
         try:
-            schema = file_schema(file)
+            schema, rows[file.url] = file_schema(file)
         except Exception as error:  # a broken file of any kind: reported, never the whole run
             unreadable[file.url] = f"cannot be read as {file.format}: {error}"
             continue
@@ -146,7 +151,7 @@ def check_inputs(files: list[InputFile], text_column: str, carried: list[str]) -
             if first[0] != kind:
                 raise ValueError(f"column {column!r} is {first[0]} in {first[1]} but {kind} in {file.url}; "
                                  "an output column needs one type (rewrite one file, or leave the column out)")
-    return {column: kind for column, (kind, _) in types.items()}, unreadable
+    return {column: kind for column, (kind, _) in types.items()}, unreadable, rows
 
 
 def delta_type(kind: pa.DataType) -> pa.DataType:

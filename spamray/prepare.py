@@ -10,6 +10,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import tempfile
 import zipfile
 from importlib import resources
@@ -21,6 +22,8 @@ from . import storage
 from .config import PrepareConfig
 
 UCI_ZIP_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
+
+logger = logging.getLogger(__name__)
 SMS_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
 SPLITS = ("train", "validation", "test")
 LABELS_FILE = "labels.json"
@@ -143,7 +146,7 @@ def split(frame: pd.DataFrame, train_fraction: float, validation_fraction: float
     return {"train": shuffled[:train_end], "validation": shuffled[train_end:validation_end], "test": shuffled[validation_end:]}
 
 
-def prepare(cfg: PrepareConfig, log=print) -> dict:
+def prepare(cfg: PrepareConfig) -> dict:
     """Reads, checks, balances and splits `cfg.input`; writes the splits; returns the counts."""
     if not (0 < cfg.train_fraction and 0 <= cfg.validation_fraction and cfg.train_fraction + cfg.validation_fraction < 1):
         raise ValueError("need 0 < train_fraction, 0 <= validation_fraction and their sum below 1 (the rest is test)")
@@ -154,7 +157,7 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
         raise ValueError(f"{cfg.input}: {len(problems)} rows cannot be used ({describe_rows(frame, problems)}). "
                          "Fix them, name the labels with --labels, or pass --skip-bad-rows to drop them.")
     if len(problems):
-        log(f"dropped {len(problems)} rows: {describe_rows(frame, problems, limit=len(problems))}")
+        logger.warning(f"dropped {len(problems)} rows: {describe_rows(frame, problems, limit=len(problems))}")
         frame = frame.drop(index=problems.index)
     frame = frame.assign(label=frame["label"].map({value: i for i, value in enumerate(values)}).astype("int64"))
     if cfg.balance == "undersample":
@@ -167,8 +170,8 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
             raise ValueError(f"the {name} split has no {missing} messages ({per_class}); a classifier cannot be "
                              "trained or judged on it. Provide more rows of each class.")
     write_prepared(cfg, splits, names, values, counts)
-    log(format_counts(counts))
-    log(f"prepared data written to {cfg.output}")
+    logger.info(format_counts(counts))
+    logger.info(f"prepared data written to {cfg.output}")
     return counts
 
 

@@ -9,8 +9,8 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
@@ -19,13 +19,17 @@ import pyarrow as pa
 
 from . import saved, storage
 from .config import PRECISIONS, ScoreConfig
+from .driver_actors import BatchStarts, start_beside_driver
 from .classifier import probability_column
 from .inputs import InputFile, check_inputs, list_input_files, read_chunks
+from .progress import Progress
 from .scores_table import (PARTITIONS, RunOutput, ScoresTable, TableState, audit_written, new_run_id, plan_inputs,
                            table_schema, write_data_files, write_file, written_files)
 from .tokenizer import get_tokenizer
 
 SCOREABLE = ("ok", "truncated")
+
+logger = logging.getLogger(__name__)
 # Ray Data gathers a replica's output into blocks of up to this size before they move on to the
 # writers. Its default (128 MiB) would gather a whole input file, so memory would grow with file
 # size; 4 MiB (about 28,000 scored rows) keeps it flat.
@@ -93,18 +97,6 @@ def tokenize_batch(batch: pa.Table, max_length: int, keep_text: bool) -> pa.Tabl
             .append_column("status", pa.array(status, pa.string()))
             .append_column("n_tokens", pa.array(lengths))
             .append_column("token_ids", pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))))
-
-
-class BatchStarts:
-    """How many times each batch has been started, across replica restarts: a Ray actor beside
-    the driver that every replica asks before it scores a batch."""
-
-    def __init__(self):
-        self.starts = Counter()
-
-    def start(self, batch_key: str) -> int:
-        self.starts[batch_key] += 1
-        return self.starts[batch_key]
 
 
 class Scorer:
@@ -192,7 +184,7 @@ def killer_batch_errors(batch: pa.Table, crashes: int) -> pa.Array:
     return pa.array([errors[file] for file in batch["source_file"].to_pylist()], pa.string())
 
 
-def score(cfg: ScoreConfig, log=print) -> dict:
+def score(cfg: ScoreConfig) -> dict:
     """Scores `cfg.input` into the Delta table `cfg.output`; returns the run summary. Files that
     failed (unreadable, or a batch of them kept killing its replica) are in `files_failed`; the
     others are committed."""
@@ -205,31 +197,33 @@ def score(cfg: ScoreConfig, log=print) -> dict:
     check_output_names(carried_columns, labels)
     table = ScoresTable(cfg.output)
     files, skipped = list_input_files(cfg.input, exclude=table.url)
-    carried_types, failed = check_inputs(files, cfg.text_column, carried_columns)
+    carried_types, failed, rows = check_inputs(files, cfg.text_column, carried_columns)
     keep_text = "text" in cfg.keep or cfg.text_column in cfg.keep
     data_schema = output_schema(carried_types, keep_text, labels)
     state = table.read_state()
     table.check_columns(state, table_schema(data_schema))
     mode = "incremental" if cfg.incremental else "overwrite" if cfg.overwrite else "create"
-    run = Run(new_run_id(), table, state, plan_inputs(state, [f for f in files if f.url not in failed], model_version, mode),
-              mode, model_version, max_length, carried_types, keep_text, data_schema)
+    to_score = plan_inputs(state, [f for f in files if f.url not in failed], model_version, mode)
+    rows_to_score = sum(rows[f.url] for f in to_score) if all(rows[f.url] is not None for f in to_score) else None
+    run = Run(new_run_id(), table, state, to_score, rows_to_score, mode, model_version, max_length, carried_types,
+              keep_text, data_schema)
     summary = {"run_id": run.run_id, "output": table.url, "table_version": state.version, "files_seen": len(files),
                "files_scored": 0, "files_already_scored": 0, "files_failed": failed,
                "files_skipped": [asdict(f) for f in skipped], "rows_read": 0, "rows_written": 0,
                "rows_per_status": {}, "rows_per_label": {}, "data_files_added": 0, "data_files_removed": 0,
                "bytes_written": 0, "replica_nodes": []}
     for file in skipped:
-        log(f"skipped {file.url}: {file.reason}")
+        logger.info(f"skipped {file.url}: {file.reason}")
     if run.to_score:
-        score_into_table(cfg, run, summary, log)
+        score_into_table(cfg, run, summary)
     else:
-        log(f"nothing new to score in {cfg.input} ({len(files) - len(failed)} readable files already scored "
+        logger.info(f"nothing new to score in {cfg.input} ({len(files) - len(failed)} readable files already scored "
             f"with model {model_version})")
     for url, error in summary["files_failed"].items():
-        log(f"FAILED {url}: {error} (nothing of it committed; the next run tries it again)")
+        logger.error(f"FAILED {url}: {error} (nothing of it committed; the next run tries it again)")
     elapsed = time.time() - started
     summary.update(seconds=elapsed, rows_per_second=summary["rows_written"] / elapsed)
-    log(format_summary(summary))
+    logger.info(format_summary(summary))
     return summary
 
 
@@ -251,6 +245,7 @@ class Run:
     table: ScoresTable
     state: TableState
     to_score: list[InputFile]
+    rows_to_score: int | None  # None when a CSV among them has not been counted
     mode: str  # see scores_table.RunOutput
     model_version: str
     max_length: int
@@ -259,22 +254,21 @@ class Run:
     data_schema: pa.Schema
 
 
-def score_into_table(cfg: ScoreConfig, run: Run, summary: dict, log) -> None:
+def score_into_table(cfg: ScoreConfig, run: Run, summary: dict) -> None:
     """Runs the pipeline over `run.to_score`, audits what it wrote, commits it; updates `summary`."""
+    import ray
+
     table, schema = run.table, table_schema(run.data_schema)
     if run.state.version is None:
         table.create(schema)
         run.state = table.read_state()
         table.check_columns(run.state, schema)
-    dataset, precision = scoring_pipeline(cfg, run)
-    log(f"scoring {len(run.to_score)} of {summary['files_seen']} files from {cfg.input} with {cfg.model} "
-        f"({run.model_version}), {cfg.replicas} replica(s), {precision}, into {table.url}")
+    batch_starts = start_beside_driver(BatchStarts)
     try:
-        try:
-            written = dataset.take_all()
-        except Exception as error:  # Ray's errors wrap the cause in tracebacks: name it in one line
-            raise ScoringFailed(f"the scoring pipeline failed: {last_line(error)}") from error
-        files, file_errors, nodes = written_files(written)
+        dataset, precision = scoring_pipeline(cfg, run, batch_starts)
+        logger.info(f"scoring {len(run.to_score)} of {summary['files_seen']} files from {cfg.input} with {cfg.model} "
+                    f"({run.model_version}), {cfg.replicas} replica(s), {precision}, into {table.url}")
+        files, file_errors, nodes = written_files(run_pipeline(dataset, run.rows_to_score))
         summary["replica_nodes"] = nodes
         summary["files_failed"].update(file_errors)
         scored = [f for f in run.to_score if f.url not in file_errors]
@@ -287,8 +281,9 @@ def score_into_table(cfg: ScoreConfig, run: Run, summary: dict, log) -> None:
         record = {"spamray": {"run_id": run.run_id, "model": cfg.model, "model_version": run.model_version,
                               "precision": precision, "files_scored": len(scored), "rows": audit.rows_written,
                               "files_failed": summary["files_failed"]}}
-        result = table.commit(run.state, output, schema, record, log)
+        result = table.commit(run.state, output, schema, record)
     finally:
+        ray.kill(batch_starts)
         # This run's files that no commit names (all of them if it failed; those of unreadable
         # inputs, of retried tasks, of inputs another run committed first): nothing will read them.
         table.delete(table.own_files(run.run_id), table.read_state())
@@ -300,28 +295,41 @@ def score_into_table(cfg: ScoreConfig, run: Run, summary: dict, log) -> None:
                    data_files_added=len(added), data_files_removed=len(result.plan.removes),
                    rows_per_status=dict(audit.rows_per_status), rows_per_label=dict(audit.rows_per_label))
     if result.plan.already_scored:
-        log(f"{len(result.plan.already_scored)} file(s) were committed meanwhile by another run with the same model; "
+        logger.info(f"{len(result.plan.already_scored)} file(s) were committed meanwhile by another run with the same model; "
             "this run's copies were dropped")
     try:
         removed = table.vacuum(cfg.retention_hours)
         if removed:
-            log(f"vacuum: deleted {len(removed)} files no longer in the table and older than {cfg.retention_hours:g} h")
+            logger.info(f"vacuum: deleted {len(removed)} files no longer in the table and older than {cfg.retention_hours:g} h")
     except Exception as error:  # the rows are committed; a cleanup that failed is retried by the next run
-        log(f"warning: vacuum of {table.url} failed ({error}); the next run tries again")
+        logger.warning(f"vacuum of {table.url} failed ({error}); the next run tries again")
 
 
-def scoring_pipeline(cfg: ScoreConfig, run: Run):
+def run_pipeline(dataset, rows_to_score: int | None) -> list[dict]:
+    """The writer tasks' rows (see scores_table.WRITTEN), gathered as they come, with progress
+    in rows written."""
+    progress = Progress("scoring", rows_to_score, "rows", logger)
+    written = []
+    try:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            written.extend(batch.to_pylist())
+            progress.update(sum(row["rows"] for row in written))
+    except Exception as error:  # Ray's errors wrap the cause in tracebacks: name it in one line
+        raise ScoringFailed(f"the scoring pipeline failed: {last_line(error)}") from error
+    finally:
+        progress.close()
+    return written
+
+
+def scoring_pipeline(cfg: ScoreConfig, run: Run, batch_starts):
     """(the Ray Data pipeline: read -> tokenize -> score -> write, the replicas' precision)."""
     import ray
     import ray.data
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     batch_rows = cfg.batch_size or RAY_BATCH_ROWS["gpu" if use_gpu else "cpu"]
     precision = resolve_precision(cfg.precision, use_gpu)
     reserved_cpus = replica_cpu_reservation(cfg.replicas, cfg.cpus_per_replica, ray.cluster_resources().get("CPU", 1))
-    batch_starts = ray.remote(num_cpus=0)(BatchStarts).options(  # beside the driver: lost only with it
-        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)).remote()
     dataset = (
         ray.data.from_items([{"path": f.url} for f in run.to_score], override_num_blocks=len(run.to_score))
         .map_batches(_read_files, batch_size=1, batch_format="pyarrow", num_cpus=TASK_CPUS,

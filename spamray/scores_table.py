@@ -22,6 +22,7 @@ and go with `vacuum` once older than the retention.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 import uuid
@@ -36,6 +37,8 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .inputs import InputFile
+
+logger = logging.getLogger(__name__)
 
 PARTITIONS = {"source_file": pa.string(), "source_size": pa.int64(), "source_version": pa.string(),
               "model_version": pa.string(), "run_id": pa.string()}
@@ -185,7 +188,7 @@ class ScoresTable:
 
     # -- committing -------------------------------------------------------------------------
     def commit(self, state: TableState, output: RunOutput, schema: pa.Schema, metadata: dict,
-               log=print) -> CommitResult:
+               ) -> CommitResult:
         """Commits the run's files against `state`, planning again whenever another commit came first."""
         from deltalake.exceptions import CommitFailedError
 
@@ -204,7 +207,7 @@ class ScoresTable:
                 newer = self.read_state()
                 if newer.version == state.version:
                     raise RuntimeError(f"the commit to {self.url} failed: {error}; nothing was committed") from error
-                log(f"another run committed version {newer.version} of {self.url} first; planning the commit again")
+                logger.info(f"another run committed version {newer.version} of {self.url} first; planning the commit again")
                 state = newer
         raise RuntimeError(f"{self.url}: other commits came first {COMMIT_ATTEMPTS} times in a row; nothing was "
                            "committed (are many runs writing this table at once?)")

@@ -8,9 +8,11 @@ classifier is evaluated on every split and saved with its metrics and the book's
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
+import logging
 import queue
 import tempfile
 import threading
@@ -22,24 +24,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 from safetensors.torch import load_file, save_file
 
 from . import storage
 from .classifier import TextClassifier
 from .config import TrainConfig
+from .driver_actors import ProgressBoard, start_beside_driver
 from .evaluate import accuracy_by_split
 from .model import count_parameters
 from .plots import plot_history
+from .progress import Progress
 from .prepare import read_prepared_labels, split_url
 from .tokenizer import get_tokenizer
 from .weights import load_gpt2
 
+logger = logging.getLogger(__name__)
+
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
+POST_PROGRESS_EVERY_S = 0.5
 
 
 def build_classifier(cfg: TrainConfig, labels: list[str]) -> TextClassifier:
-    gpt = load_gpt2(cfg.weights, cfg.preset)
+    gpt = load_gpt2(cfg.weights, cfg.preset, revision=cfg.weights_revision)
     if cfg.drop_rate:
         for module in gpt.modules():
             if isinstance(module, torch.nn.Dropout):
@@ -49,13 +57,16 @@ def build_classifier(cfg: TrainConfig, labels: list[str]) -> TextClassifier:
     return TextClassifier.from_gpt2(gpt, labels, pooling=cfg.pooling, trainable=cfg.trainable, max_length=cfg.max_length)
 
 
-def make_collate(max_length: int, pad_to: int | None):
+class TokenizeAndPad(NumpyBatchCollateFn):
     """Tokenizes and right-pads a batch of {"text", "label"} to (ids, lengths, labels) tensors."""
-    def collate(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        rows = get_tokenizer().encode_batch(list(batch["text"]), max_length=max_length)
-        ids, lengths = get_tokenizer().pad(rows, length=pad_to)
-        return torch.from_numpy(ids), torch.from_numpy(lengths), torch.as_tensor(batch["label"], dtype=torch.long)
-    return collate
+
+    def __init__(self, max_length: int, pad_to: int | None):
+        self.max_length, self.pad_to = max_length, pad_to
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = get_tokenizer().encode_batch(list(batch["text"]), max_length=self.max_length)
+        ids, lengths = get_tokenizer().pad(rows, length=self.pad_to)
+        return torch.from_numpy(ids), torch.from_numpy(lengths), torch.tensor(batch["label"], dtype=torch.long)
 
 
 def batch_loss(model, batch, device) -> tuple[torch.Tensor, int]:
@@ -137,8 +148,9 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     cfg = TrainConfig(**config["train"])
-    labels, pad_to = config["labels"], config["pad_to"]
+    labels, pad_to, progress_board = config["labels"], config["pad_to"], config["progress_board"]
     context = ray.train.get_context()
+    is_rank_zero, last_post = context.get_world_rank() == 0, 0.0
     torch.set_num_threads(cfg.cpus_per_worker)
     torch.manual_seed(cfg.seed)
     classifier = build_classifier(cfg, labels)
@@ -160,7 +172,7 @@ def train_loop_per_worker(config: dict) -> None:
     if saved_optimizer:
         optimizer.load_state_dict(saved_optimizer)
 
-    collate = make_collate(classifier.max_length, pad_to)
+    collate = TokenizeAndPad(classifier.max_length, pad_to)
     train_shard = ray.train.get_dataset_shard("train")
     validation = ray.train.get_dataset_shard("validation")
     world = context.get_world_size()
@@ -175,7 +187,7 @@ def train_loop_per_worker(config: dict) -> None:
     if state["epoch"] >= cfg.epochs:  # the run had finished: hand its final state back as the result
         metrics = {key: state[key] for key in ("epoch", "examples_seen", "global_step", "resumed_from_epoch")}
         report_with_checkpoint({**metrics, "replica_digests": gather_digests(classifier)}, classifier, optimizer,
-                               state, is_rank_zero=context.get_world_rank() == 0)
+                               state, is_rank_zero=is_rank_zero)
         return
     for epoch in range(state["epoch"], cfg.epochs):
         model.train()
@@ -191,6 +203,11 @@ def train_loop_per_worker(config: dict) -> None:
             recent.append(batch)
             state["examples_seen"] += len(batch[2]) * world
             state["global_step"] += 1
+            if is_rank_zero and time.monotonic() - last_post >= POST_PROGRESS_EVERY_S:
+                progress_board.post.remote({"step": state["global_step"] + 1, "epoch": epoch + 1, "loss": loss.item(),
+                                            "examples_per_second": (state["examples_seen"] - epoch_examples)
+                                            / (time.perf_counter() - epoch_started)})
+                last_post = time.monotonic()
             if state["global_step"] % cfg.eval_freq == 0:
                 history["train_losses"].append(estimate(model, recent, device)[0])
                 history["val_losses"].append(estimate(model, validation_batches, device)[0])
@@ -207,7 +224,7 @@ def train_loop_per_worker(config: dict) -> None:
                    "examples_per_second": examples_per_second}
         if epoch + 1 == cfg.epochs:
             metrics["replica_digests"] = gather_digests(classifier)
-        report_with_checkpoint(metrics, classifier, optimizer, state, is_rank_zero=context.get_world_rank() == 0)
+        report_with_checkpoint(metrics, classifier, optimizer, state, is_rank_zero=is_rank_zero)
 
 
 def gather_digests(model: torch.nn.Module) -> list[str]:
@@ -230,6 +247,30 @@ def report_with_checkpoint(metrics: dict, classifier: TextClassifier, optimizer,
             torch.save({**state, "optimizer": optimizer.state_dict()}, Path(folder) / STATE_FILE)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+@contextlib.contextmanager
+def showing_progress(board, progress: Progress, epochs: int, every_s: float = 0.5):
+    """Shows what the rank-0 worker posts to `board` while the block runs (on the driver)."""
+    import ray
+
+    stop = threading.Event()
+
+    def show() -> None:
+        while not stop.wait(every_s):
+            state = ray.get(board.read.remote())
+            if state:
+                progress.update(state["step"], epoch=f"{state['epoch']}/{epochs}", loss=state["loss"],
+                                examples_per_s=round(state["examples_per_second"]))
+
+    watcher = threading.Thread(target=show, daemon=True, name="training progress")
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+        progress.close()
 
 
 def default_run_name(cfg: TrainConfig) -> str:
@@ -259,7 +300,7 @@ def check_storage_path(storage_path: str | None, nodes: int, shared: bool) -> No
                          "all nodes share (NFS)")
 
 
-def train(cfg: TrainConfig, log=print) -> dict:
+def train(cfg: TrainConfig) -> dict:
     """Runs the TorchTrainer, then evaluates and saves the final classifier; returns its metrics."""
     import ray
     import ray.data
@@ -270,7 +311,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if storage.exists(cfg.output) and not cfg.overwrite:
         raise FileExistsError(f"{cfg.output} already exists; choose another --output or pass --overwrite")
     probe = build_classifier(cfg, labels)  # fails here, before any Ray work, on bad weights or options
-    log(f"model: {cfg.weights} ({probe.cfg.emb_dim}-wide, {probe.cfg.n_layers} blocks), trainable {cfg.trainable}: "
+    logger.info(f"model: {cfg.weights} ({probe.cfg.emb_dim}-wide, {probe.cfg.n_layers} blocks), trainable {cfg.trainable}: "
         f"{count_parameters(probe, trainable_only=True):,} of {count_parameters(probe):,} parameters")
     pad_to = longest_training_example(cfg.data, probe.max_length) if cfg.padding == "longest" else None
     del probe
@@ -282,9 +323,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
     # Materialized, the small splits need no CPU of their own while the workers hold every core.
     datasets = {name: ray.data.read_parquet(split_url(cfg.data, name)).select_columns(["text", "label"]).materialize()
                 for name in ("train", "validation")}
+    progress_board = start_beside_driver(ProgressBoard)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": asdict(cfg), "labels": labels, "pad_to": pad_to},
+        train_loop_config={"train": asdict(cfg), "labels": labels, "pad_to": pad_to, "progress_board": progress_board},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=run_name, storage_path=storage_path,
@@ -293,8 +335,11 @@ def train(cfg: TrainConfig, log=print) -> dict:
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    log(f"Ray Train run {run_name!r} in {storage_path} ({cfg.num_workers} workers, gpu={use_gpu})")
-    result = trainer.fit()
+    logger.info(f"Ray Train run {run_name!r} in {storage_path} ({cfg.num_workers} workers, gpu={use_gpu})")
+    steps = cfg.epochs * (datasets["train"].count() // cfg.num_workers // cfg.batch_size)
+    with showing_progress(progress_board, Progress("training", steps, "steps", logger), cfg.epochs):
+        result = trainer.fit()
+    ray.kill(progress_board)
     if result.error:
         raise result.error
     classifier = build_classifier(cfg, labels)
@@ -307,6 +352,6 @@ def train(cfg: TrainConfig, log=print) -> dict:
                "settings": {**asdict(cfg), "run_name": run_name, "storage_path": storage_path}}
     classifier.metrics = metrics
     classifier.save(cfg.output, overwrite=cfg.overwrite, extra_files=plot_history(history, cfg.epochs, final_state["examples_seen"]))
-    log("accuracy: " + ", ".join(f"{split} {metrics[f'{split}_accuracy']:.2%}" for split in ("train", "validation", "test")))
-    log(f"classifier saved to {cfg.output} (with loss.png and accuracy.png)")
+    logger.info("accuracy: " + ", ".join(f"{split} {metrics[f'{split}_accuracy']:.2%}" for split in ("train", "validation", "test")))
+    logger.info(f"classifier saved to {cfg.output} (with loss.png and accuracy.png)")
     return metrics

@@ -136,7 +136,7 @@ def prepared_sms(tmp_path_factory) -> str:
     from spamray.prepare import prepare
 
     folder = tmp_path_factory.mktemp("prepared") / "sms"
-    prepare(PrepareConfig(output=str(folder)), log=lambda *_: None)
+    prepare(PrepareConfig(output=str(folder)))
     return str(folder)
 
 

@@ -1,5 +1,6 @@
 """The book's data preparation, and what bad input gets."""
 
+import logging
 import zipfile
 from importlib import resources
 
@@ -38,11 +39,11 @@ def test_other_label_sets_and_no_balancing(tmp_path):
     rows = [(f"message {i}", ["billing", "account", "other"][i % 3]) for i in range(60)]
     pd.DataFrame(rows, columns=["body", "topic"]).to_csv(tmp_path / "in.csv", index=False)
     counts = prepare(PrepareConfig(output=str(tmp_path / "out"), input=str(tmp_path / "in.csv"), text_column="body",
-                                   label_column="topic", balance="none"), log=lambda *_: None)
+                                   label_column="topic", balance="none"))
     assert list(counts["train"]) == ["account", "billing", "other"]  # sorted: a stable, documented order
     assert sum(sum(c.values()) for c in counts.values()) == 60
     counts = prepare(PrepareConfig(output=str(tmp_path / "out2"), input=str(tmp_path / "in.csv"), text_column="body",
-                                   label_column="topic", labels="other,billing,account"), log=lambda *_: None)
+                                   label_column="topic", labels="other,billing,account"))
     assert list(counts["train"]) == ["other", "billing", "account"]
 
 
@@ -73,23 +74,24 @@ def write(tmp_path, name, text):
 def test_bad_input_gets_a_clear_error(tmp_path, name, content, options, message):
     cfg = PrepareConfig(output=str(tmp_path / "out"), input=write(tmp_path, name, content), **options)
     with pytest.raises(ValueError, match=message):
-        prepare(cfg, log=lambda *_: None)
+        prepare(cfg)
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
-def test_skipping_bad_rows_reports_each(tmp_path):
+def test_skipping_bad_rows_reports_each(tmp_path, caplog):
     content = "text,label\n" + "a,ham\nb,spam\n" * 20 + "c,eggs\n,ham\n"
-    said = []
-    prepare(PrepareConfig(output=str(tmp_path / "out"), input=write(tmp_path, "in.csv", content), labels="ham,spam",
-                          skip_bad_rows=True), log=said.append)
-    assert said[0] == "dropped 2 rows: row 41: unknown label 'eggs'; row 42: empty text"
+    with caplog.at_level(logging.INFO, logger="spamray"):
+        prepare(PrepareConfig(output=str(tmp_path / "out"), input=write(tmp_path, "in.csv", content), labels="ham,spam",
+                              skip_bad_rows=True))
+    dropped = [r for r in caplog.records if r.name == "spamray.prepare" and r.levelno == logging.WARNING]
+    assert [r.getMessage() for r in dropped] == ["dropped 2 rows: row 41: unknown label 'eggs'; row 42: empty text"]
 
 
 def test_missing_input_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        prepare(PrepareConfig(output=str(tmp_path / "o"), input=str(tmp_path / "nope.csv")), log=lambda *_: None)
+        prepare(PrepareConfig(output=str(tmp_path / "o"), input=str(tmp_path / "nope.csv")))
 
 
 def test_existing_output_needs_overwrite(prepared_sms):
     with pytest.raises(FileExistsError, match="already exists"):
-        prepare(PrepareConfig(output=prepared_sms), log=lambda *_: None)
+        prepare(PrepareConfig(output=prepared_sms))

@@ -21,8 +21,6 @@ from spamray.score import Scorer, resolve_precision, score, tokenize_batch
 from spamray.scores_table import ScoresTable, WrittenFile, audit_written
 from conftest import SPAMRAY, spamray_process
 
-quiet = dict(log=lambda *_: None)
-
 
 @pytest.fixture
 def mixed_archive(tmp_path, sms_messages):
@@ -62,7 +60,7 @@ def test_pipeline_equals_the_in_process_classifier_row_by_row(ray_local, model_u
     model = place.upload(model_url, "model") if place.url.startswith("s3://") else model_url
     out = place.join("scores")
     summary = score(ScoreConfig(model=model, input=archive, output=out, id_column="msg_id",
-                                keep=["sender"], batch_size=32, read_batch_rows=100), **quiet)
+                                keep=["sender"], batch_size=32, read_batch_rows=100))
     frame = read_output(out)
     frame["source_file"] = frame["source_file"].str.replace(archive, str(mixed_archive), regex=False)
     assert len(frame) == summary["rows_written"] == summary["rows_read"] == 302 + 6 + 202
@@ -179,9 +177,9 @@ def test_a_model_overwritten_as_the_run_starts_fails_the_run_rather_than_mix_ver
     new_version = TextClassifier.load(str(tmp_path / "retrained")).version
     real_pipeline = spamray.score.scoring_pipeline
 
-    def retrain_then_start(cfg, run):
+    def retrain_then_start(*args):
         retrained.save(str(model), overwrite=True)
-        return real_pipeline(cfg, run)
+        return real_pipeline(*args)
 
     monkeypatch.setattr(spamray.score, "scoring_pipeline", retrain_then_start)
     out = str(tmp_path / "scores")
@@ -207,7 +205,7 @@ def test_output_streams_out_in_files_of_bounded_size(ray_local, model_url, sms_m
     archive.mkdir()
     pq.write_table(pa.table({"text": sms_messages[:2000]}), archive / "one.parquet")
     out = tmp_path / "scores"
-    score(ScoreConfig(model=model_url, input=str(archive), output=str(out), batch_size=200), **quiet)
+    score(ScoreConfig(model=model_url, input=str(archive), output=str(out), batch_size=200))
     files = list(out.glob("*.parquet"))
     assert len(files) >= 5 and max(pq.ParquetFile(f).metadata.num_rows for f in files) <= 1000
     assert sorted(read_output(str(out))["source_row"]) == list(range(2000))
@@ -236,18 +234,18 @@ def test_incremental_runs_score_only_new_or_changed_files(ray_local, model_url, 
     pq.write_table(pa.table({"text": sms_messages[:100]}), archive / "day-1.parquet")
     pq.write_table(pa.table({"text": sms_messages[100:150]}), archive / "day-2.parquet")
     cfg = ScoreConfig(model=model_url, input=str(archive), output=out, incremental=True)
-    assert score(cfg, **quiet)["rows_written"] == 150
-    again = score(cfg, **quiet)
+    assert score(cfg)["rows_written"] == 150
+    again = score(cfg)
     assert again["files_scored"] == 0 and again["rows_written"] == 0
     pq.write_table(pa.table({"text": sms_messages[150:180]}), archive / "day-3.parquet")
-    third = score(cfg, **quiet)
+    third = score(cfg)
     assert third["files_scored"] == 1 and third["rows_written"] == 30
     frame = read_output(out)
     assert len(frame) == 180 and not frame.duplicated(["source_file", "source_row"]).any()
     # A file rewritten in place: its old rows are replaced, not duplicated.
     time.sleep(0.01)
     pq.write_table(pa.table({"text": sms_messages[200:260]}), archive / "day-2.parquet")
-    assert score(cfg, **quiet)["rows_written"] == 60
+    assert score(cfg)["rows_written"] == 60
     frame = read_output(out)
     assert len(frame) == 100 + 60 + 30
     assert (frame["source_file"] == str(archive / "day-2.parquet")).sum() == 60
@@ -260,11 +258,11 @@ def test_a_second_full_run_needs_overwrite(ray_local, model_url, sms_messages, t
     archive, out = tmp_path / "archive", str(tmp_path / "scores")
     archive.mkdir()
     pq.write_table(pa.table({"text": sms_messages[:20]}), archive / "a.parquet")
-    score(ScoreConfig(model=model_url, input=str(archive), output=out), **quiet)
+    score(ScoreConfig(model=model_url, input=str(archive), output=out))
     with pytest.raises(FileExistsError, match="--overwrite"):
-        score(ScoreConfig(model=model_url, input=str(archive), output=out), **quiet)
+        score(ScoreConfig(model=model_url, input=str(archive), output=out))
     pq.write_table(pa.table({"text": sms_messages[:30]}), archive / "a.parquet")
-    score(ScoreConfig(model=model_url, input=str(archive), output=out, overwrite=True), **quiet)
+    score(ScoreConfig(model=model_url, input=str(archive), output=out, overwrite=True))
     assert len(read_output(out)) == 30
 
 

@@ -25,8 +25,6 @@ from spamray.score import score
 from spamray.scores_table import (CommitPlan, RunOutput, ScoredInput, ScoresTable, TableState, WrittenFile,
                                   plan_commit, write_data_files)
 
-quiet = dict(log=lambda *_: None)
-
 
 def put_bytes(place, name, data: bytes) -> str:
     place.fs.makedirs(f"{place.path}/{name}".rsplit("/", 1)[0], exist_ok=True)
@@ -77,11 +75,11 @@ def test_an_incremental_night_writes_only_the_new_file(ray_local, model_url, sms
         write_parquet(place, f"archive/day-{day:02d}.parquet", sms_messages[day * 10:(day + 1) * 10])
     out = place.join("scores")
     cfg = ScoreConfig(model=model_url, input=place.join("archive"), output=out, incremental=True)
-    first = score(cfg, **quiet)
+    first = score(cfg)
     assert first["files_scored"] == 50 and first["rows_written"] == 500
     before = table_files(out)
     write_parquet(place, "archive/day-50.parquet", sms_messages[500:512])
-    second = score(cfg, **quiet)
+    second = score(cfg)
     adds, removes = commit_log(out, second["table_version"])
     assert second["files_scored"] == 1 and second["rows_written"] == 12 and removes == []
     assert {json.loads(a["stats"])["numRecords"] for a in adds} == {12}
@@ -98,12 +96,12 @@ def test_a_changed_file_swaps_its_rows_in_one_version(ray_local, model_url, sms_
     b = write_parquet(place, "archive/b.parquet", sms_messages[30:50])
     out = place.join("scores")
     cfg = ScoreConfig(model=model_url, input=place.join("archive"), output=out, incremental=True)
-    first = score(cfg, **quiet)
+    first = score(cfg)
     earlier = read_frame(out).sort_values(["source_file", "source_row"]).reset_index(drop=True)
     old_b_files = ScoresTable(out).read_state().inputs[b].files
     time.sleep(1.1)  # a new modification time on local disk, a new etag on S3
     write_parquet(place, "archive/b.parquet", sms_messages[100:105])
-    second = score(cfg, **quiet)
+    second = score(cfg)
     assert second["files_scored"] == 1 and second["table_version"] == first["table_version"] + 1
     adds, removes = commit_log(out, second["table_version"])  # old rows out, new rows in: one commit
     assert {r["path"] for r in removes} == set(old_b_files) and {a["partitionValues"]["source_file"] for a in adds} == {b}
@@ -146,7 +144,7 @@ def test_a_killed_run_leaves_the_table_as_it_was(ray_local, model_url, sms_messa
     first_day = write_parquet(place, "archive/day-0.parquet", sms_messages[:40])
     out = place.join("scores")
     args = score_command(model_url, place.join("archive"), out)
-    score(ScoreConfig(model=model_url, input=place.join("archive"), output=out, incremental=True), **quiet)
+    score(ScoreConfig(model=model_url, input=place.join("archive"), output=out, incremental=True))
     before, version = read_frame(out), ScoresTable(out).read_state().version
     new_days = {write_parquet(place, f"archive/day-{d}.parquet", sms_messages[d * 1200:(d + 1) * 1200]): 1200 for d in (1, 2, 3)}
     if moment == "while writing":
@@ -175,7 +173,7 @@ def test_a_killed_run_leaves_the_table_as_it_was(ray_local, model_url, sms_messa
 def test_overlapping_runs_commit_every_row_once(ray_local, model_url, sms_messages, place):
     first_day = write_parquet(place, "archive/day-0.parquet", sms_messages[:20])
     out = place.join("scores")
-    score(ScoreConfig(model=model_url, input=place.join("archive"), output=out, incremental=True), **quiet)
+    score(ScoreConfig(model=model_url, input=place.join("archive"), output=out, incremental=True))
     new_days = {write_parquet(place, f"archive/day-{d}.parquet", sms_messages[d * 300:(d + 1) * 300]): 300 for d in (1, 2)}
     runs = [spamray_score(score_command(model_url, place.join("archive"), out)) for _ in range(2)]
     results = [(run.wait(timeout=400), run.stderr.read()) for run in runs]
@@ -307,7 +305,7 @@ def test_reading_and_vacuuming_exit_zero_in_fresh_processes(ray_local, model_url
     archive.mkdir()
     pq.write_table(pa.table({"text": sms_messages[:10]}), archive / "a.parquet")
     out = str(tmp_path / "scores")
-    score(ScoreConfig(model=model_url, input=str(archive), output=out), **quiet)
+    score(ScoreConfig(model=model_url, input=str(archive), output=out))
     codes = [subprocess.run([sys.executable, "-c", READ_AND_MAINTAIN, out, "10"], capture_output=True, timeout=120).returncode
              for _ in range(10)]
     assert codes == [0] * 10

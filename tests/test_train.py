@@ -11,11 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import spamray.tokenizer
 from conftest import SPAMRAY, spamray_process
 from spamray import TextClassifier
 from spamray.cli import main
 from spamray.config import TrainConfig
-from spamray.train import DataStalled, arriving_within, train
+from spamray.train import DataStalled, TokenizeAndPad, arriving_within, train
 
 
 def tiny_config(tmp_path, prepared, **overrides):
@@ -26,7 +27,7 @@ def tiny_config(tmp_path, prepared, **overrides):
 
 
 def test_two_workers_learn_and_stay_identical(ray_local, prepared_sms, tmp_path):
-    metrics = train(tiny_config(tmp_path, prepared_sms), log=lambda *_: None)
+    metrics = train(tiny_config(tmp_path, prepared_sms))
     losses = metrics["history"]["train_losses"]
     assert len(losses) >= 5
     assert np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2])  # the loss falls
@@ -75,7 +76,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, prepared_sm
     # Started again with the same settings (saving elsewhere) after it finished: nothing is trained twice.
     cfg = tiny_config(tmp_path, prepared_sms, output=str(tmp_path / "model-again"), epochs=2, num_workers=1,
                       cpus_per_worker=2)
-    again = train(cfg, log=lambda *_: None)
+    again = train(cfg)
     assert again["training"]["resumed_from_epoch"] == 2  # the finished run's final checkpoint, handed back
     assert again["training"]["global_step"] == 2 * 130 - 1 and again["training"]["examples_seen"] == 2 * 130 * 8
     assert again["test_accuracy"] == metrics["test_accuracy"]
@@ -137,3 +138,16 @@ def test_only_waiting_for_data_counts_against_the_timeout_and_errors_come_throug
 
     with pytest.raises(ValueError, match="block 2 is corrupt"):
         list(arriving_within(breaks(), timeout_s=5, what="training"))
+
+
+def test_the_training_batches_come_without_deprecated_calls(ray_local, prepared_sms):
+    # A plain function as collate_fn is deprecated in Ray 2.60 (pyproject makes the warning an
+    # error); a NumpyBatchCollateFn is what Ray asks for. Labels come as a writable copy.
+    import ray.data
+
+    from spamray.prepare import split_url
+
+    rows = ray.data.read_parquet(split_url(prepared_sms, "validation")).select_columns(["text", "label"])
+    ids, lengths, labels = next(iter(rows.iter_torch_batches(batch_size=4, collate_fn=TokenizeAndPad(96, None))))
+    assert ids.shape == (4, int(lengths.max())) and labels.dtype == torch.long and set(labels.tolist()) <= {0, 1}
+    assert (ids[0, lengths[0]:] == spamray.tokenizer.PAD_ID).all()

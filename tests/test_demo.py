@@ -1,0 +1,53 @@
+"""What a person sees: `spamray demo` on a terminal (a pseudo-terminal here) shows progress bars
+and stays short; Ray's own lines stay in its log files unless --verbose."""
+
+import fcntl
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
+import time
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def run_on_a_terminal(args: list[str], timeout_s: float = 600) -> tuple[int, str]:
+    """Runs `spamray ARGS` with stdin, stdout and stderr on a 120x40 pseudo-terminal; returns
+    (exit status, everything it wrote)."""
+    main, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    env.pop("RAY_ADDRESS", None)
+    process = subprocess.Popen([sys.executable, "-m", "spamray.cli", *args], stdin=secondary, stdout=secondary,
+                               stderr=secondary, env=env, start_new_session=True)
+    os.close(secondary)
+    chunks, deadline = [], time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # the terminal closed: the process has ended
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(main)
+    return process.wait(timeout=60), b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_the_demo_on_a_terminal_shows_progress_bars_and_stays_short(tmp_path):
+    code, output = run_on_a_terminal(["demo", "--preset", "gpt2-tiny", "--epochs", "1", "--workdir", str(tmp_path)])
+    assert code == 0, output[-3000:]
+    frames = ANSI.sub("", output).split("\r")
+    assert any(re.search(r"training: +\d+%\|.*\| \d+/130 .*epoch=1/1, loss=", f) for f in frames)
+    assert any(re.search(r"scoring: +\d+%\|.*\| \d+/5574 ", f) for f in frames)
+    lines = [line for line in output.replace("\r", "\n").split("\n")
+             if line.strip() and not re.match(r"^\s*(training|scoring):", ANSI.sub("", line))]
+    print(f"{len(lines)} lines besides progress frames")
+    assert len(lines) <= 60, "\n".join(lines)
+    for noise in ("PlacementGroupCleaner", "RayDeprecationWarning", "tqdm is not installed", "Token authentication is",
+                  "non-writable", "INFO"):
+        assert noise not in output
+    assert "done in" in output and "test accuracy" in output

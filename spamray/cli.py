@@ -50,11 +50,11 @@ def config_from_args(config_class: type, args: argparse.Namespace):
 
 
 class SpamrayFormatter(logging.Formatter):
-    """spamray's own lines as they are; warnings and errors say so."""
+    """spamray's own lines as they are; warnings say so (errors begin with what failed: "FAILED …")."""
 
     def format(self, record: logging.LogRecord) -> str:
         message = super().format(record)
-        return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
+        return f"warning: {message}" if record.levelno == logging.WARNING else message
 
 
 class StdoutHandler(logging.StreamHandler):

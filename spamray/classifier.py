@@ -20,6 +20,7 @@ from torch import nn
 from . import saved
 from .lora import add_lora, merge_lora
 from .model import GPTConfig, GPTModel
+from .operating_point import OperatingPoint, softmax
 from .tokenizer import get_tokenizer
 
 POOLINGS = ("last_token", "last", "mean")
@@ -69,6 +70,8 @@ class TextClassifier(nn.Module):
         self.max_length = max_length
         self.metrics: dict = {}
         self.trainable = "all"
+        self.temperature = 1.0  # probabilities are softmax(logits / temperature): see calibrate()
+        self.operating_point: OperatingPoint | None = None  # None: the most probable label wins
 
     @classmethod
     def from_gpt2(cls, model: GPTModel, labels: Sequence[str], pooling: str = "last_token",
@@ -137,9 +140,9 @@ class TextClassifier(nn.Module):
         return batch
 
     @torch.inference_mode()
-    def score_token_ids(self, batch: Sequence[Sequence[int]], max_batch_tokens: int | None = None,
-                        max_batch_rows: int | None = None) -> np.ndarray:
-        """Class probabilities [N, num_labels] for token id lists (each 1..max_length long).
+    def logits_token_ids(self, batch: Sequence[Sequence[int]], max_batch_tokens: int | None = None,
+                         max_batch_rows: int | None = None) -> np.ndarray:
+        """Class logits [N, num_labels] for token id lists (each 1..max_length long).
 
         Rows are grouped by length so each model batch pads only to its own longest row; the
         result comes back in input order. With `last_token` pooling no row's result depends on
@@ -150,12 +153,30 @@ class TextClassifier(nn.Module):
         device = next(self.parameters()).device
         default_tokens, default_rows = CPU_BATCH_BUDGET if device.type == "cpu" else GPU_BATCH_BUDGET
         max_batch_tokens, max_batch_rows = max_batch_tokens or default_tokens, max_batch_rows or default_rows
-        probs = np.empty((len(batch), len(self.labels)), dtype=np.float32)
+        logits = np.empty((len(batch), len(self.labels)), dtype=np.float32)
         for rows in length_buckets([len(ids) for ids in batch], max_batch_tokens, max_batch_rows):
             token_ids, lengths = pad_rows([batch[row] for row in rows], self.max_length)
-            logits = self(torch.from_numpy(token_ids).to(device), torch.from_numpy(lengths).to(device))
-            probs[rows] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
-        return probs
+            logits[rows] = self(torch.from_numpy(token_ids).to(device), torch.from_numpy(lengths).to(device)).float().cpu().numpy()
+        return logits
+
+    def score_token_ids(self, batch: Sequence[Sequence[int]], max_batch_tokens: int | None = None,
+                        max_batch_rows: int | None = None) -> np.ndarray:
+        """Class probabilities [N, num_labels], calibrated (softmax of logits / temperature)."""
+        logits = self.logits_token_ids(batch, max_batch_tokens, max_batch_rows)
+        return softmax(logits, self.temperature).astype(np.float32)
+
+    def label_ids(self, probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
+        """Each row's label: with an operating point (binary classifiers), the positive label where
+        its probability reaches the threshold (`threshold` overrides the stored one), else the
+        other; without one, the most probable label."""
+        point = self.operating_point
+        if point is None and threshold is None:
+            return probs.argmax(axis=1)
+        if len(self.labels) != 2:
+            raise ValueError(f"a threshold applies to a classifier of two labels, not {len(self.labels)}")
+        positive = self.labels.index(point.positive) if point else len(self.labels) - 1
+        threshold = point.threshold if threshold is None else threshold
+        return np.where(probs[:, positive] >= threshold, positive, 1 - positive)
 
     def predict(self, texts: Sequence[str]) -> list[Prediction]:
         """Label and class probabilities for each text (texts longer than max_length are truncated)."""
@@ -168,7 +189,7 @@ class TextClassifier(nn.Module):
         return [self.prediction(row) for row in probs]
 
     def prediction(self, probs: np.ndarray) -> Prediction:
-        label_id = int(probs.argmax())
+        label_id = int(self.label_ids(probs[None, :])[0])
         return Prediction(self.labels[label_id], label_id, dict(zip(self.labels, map(float, probs))))
 
     # -- saving ---------------------------------------------------------------------------
@@ -182,6 +203,8 @@ class TextClassifier(nn.Module):
             "max_length": self.max_length,
             "trainable": self.trainable,
             "metrics": self.metrics,
+            "temperature": self.temperature,
+            "operating_point": self.operating_point.to_dict() if self.operating_point else None,
         }
         saved.write_saved(url, metadata, self.state_dict(), overwrite=overwrite, extra_files=extra_files)
 
@@ -202,7 +225,11 @@ class TextClassifier(nn.Module):
         classifier.load_state_dict(tensors, strict=True, assign=True)
         classifier.metrics = metadata.get("metrics", {})
         classifier.trainable = metadata.get("trainable", "all")
-        classifier.version = metadata["weights"]["sha256"][:16]
+        # A classifier saved before calibration existed has neither: it behaves as it did.
+        classifier.temperature = float(metadata.get("temperature") or 1.0)
+        point = metadata.get("operating_point")
+        classifier.operating_point = OperatingPoint(**point) if point else None
+        classifier.version = saved.model_version(metadata)
         return classifier.eval()
 
     def fingerprint(self) -> str:

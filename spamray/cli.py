@@ -11,7 +11,8 @@ import sys
 import typing
 from collections.abc import Callable, Sequence
 
-from .config import ClassifyConfig, DemoConfig, EvaluateConfig, PrepareConfig, ScoreConfig, TrainConfig
+from .config import (CalibrateConfig, ClassifyConfig, DemoConfig, EvaluateConfig, PrepareConfig, ScoreConfig,
+                     TrainConfig)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
@@ -141,6 +142,22 @@ def run_evaluate(cfg: EvaluateConfig) -> None:
     print(format_report(evaluate(cfg)))
 
 
+def run_calibrate(cfg: CalibrateConfig) -> None:
+    from .calibrate import calibrate
+    from .classifier import TextClassifier
+
+    classifier = TextClassifier.load(cfg.model)
+    classifier.metrics = {**classifier.metrics, "calibration": calibrate(classifier, cfg.data, cfg.target_fpr)}
+    classifier.save(cfg.output or cfg.model, overwrite=True)
+    print(f"calibrated classifier saved to {cfg.output or cfg.model} (version {classifier_version(cfg.output or cfg.model)})")
+
+
+def classifier_version(url: str) -> str:
+    from . import saved
+
+    return saved.model_version(saved.read_metadata(url))
+
+
 def run_classify(cfg: ClassifyConfig) -> None:
     from .classifier import TextClassifier
 
@@ -174,7 +191,10 @@ def run_demo(cfg: DemoConfig) -> None:
 VERBS: dict[str, tuple[type, Callable, str]] = {
     "prepare": (PrepareConfig, run_prepare, "read, balance and split labelled messages (the book's procedure)"),
     "train": (TrainConfig, run_train, "fine-tune GPT-2 into a classifier with Ray Train"),
-    "evaluate": (EvaluateConfig, run_evaluate, "accuracy, precision, recall, F1 and confusion matrix"),
+    "evaluate": (EvaluateConfig, run_evaluate, "accuracy, precision, recall, F1, confusion matrix; for a spam "
+                 "filter ROC and precision-recall (curves with --output), the operating point, calibration"),
+    "calibrate": (CalibrateConfig, run_calibrate, "fit temperature scaling and a spam filter's threshold for a "
+                  "target false-positive rate on a prepared folder's held-out data"),
     "classify": (ClassifyConfig, run_classify, "label a few messages (one JSON line each)"),
     "score": (ScoreConfig, run_score, "score Parquet/CSV archives with Ray Data into a Delta Lake table"),
     "demo": (DemoConfig, run_demo, "offline end to end: prepare, train a small GPT-2 from random weights, "

@@ -76,6 +76,8 @@ class TrainConfig:
     run_name: str | None = option(None, "Ray Train run name: start again with the same name and storage "
                                   "path to resume (default: derived from these settings)")
     max_failures: int = option(1, "worker failures to recover from (from the last checkpoint)")
+    target_fpr: float | None = option(0.005, "after training, a binary classifier's threshold is chosen to flag at "
+                                      "most this share of held-out legitimate messages (see `spamray calibrate`)")
     data_timeout_s: float = option(600.0, "a worker waiting longer than this for its next batch fails, and is "
                                    "retried from the last checkpoint: a stalled data pipeline never hangs a run")
     overwrite: bool = option(False, "replace an existing output folder")
@@ -89,6 +91,17 @@ class EvaluateConfig:
     split: str = option("test", "split to evaluate when DATA is a prepared folder")
     text_column: str = option("text", "text column of a labelled file")
     label_column: str = option("label", "label column of a labelled file (label names or ids)")
+    output: str | None = option(None, "folder for roc.png, precision_recall.png and evaluation.json (binary "
+                                "classifiers)")
+
+
+@dataclass
+class CalibrateConfig:
+    model: str = required("saved classifier folder or URL", positional=True)
+    data: str = required("prepared folder: validation fits the temperature, heldout_tune the threshold, "
+                         "heldout_test measures it", positional=True)
+    target_fpr: float | None = option(0.005, "flag at most this share of legitimate messages (binary classifiers)")
+    output: str | None = option(None, "save the calibrated classifier here (default: replace MODEL)")
 
 
 @dataclass
@@ -115,6 +128,9 @@ class ScoreConfig:
     precision: str = option("auto", "weights and activations of the replicas: auto (bf16 on GPUs, where its "
                             "labels match fp32's on 99.75% of messages measured; fp32 on CPUs), fp32, bf16",
                             choices=list(PRECISIONS))
+    threshold: float | None = option(None, "label a binary classifier's positive class where its probability "
+                                     "reaches this (default: the classifier's operating point, else the most "
+                                     "probable label)")
     read_batch_rows: int = option(65536, "rows per block when reading a file")
     retention_hours: float = option(168.0, "after each commit, vacuum deletes files that no table version still "
                                     "needs (a killed run's, replaced ones) once older than this; keep it longer "

@@ -35,3 +35,23 @@ def plot_history(history: dict, epochs: int, examples_seen: int) -> dict[str, by
         "loss.png": plot_values(epochs, examples_seen, history["train_losses"], history["val_losses"], "loss"),
         "accuracy.png": plot_values(epochs, examples_seen, history["train_accs"], history["val_accs"], "accuracy"),
     }
+
+
+def plot_curve(x: np.ndarray, y: np.ndarray, x_label: str, y_label: str, title: str,
+               point: tuple[float, float] | None = None) -> bytes:
+    """One curve (ROC or precision-recall) as a PNG, the operating point marked."""
+    figure, axis = plt.subplots(figsize=(4.5, 4))
+    axis.plot(x, y, drawstyle="steps-post")
+    if point is not None:
+        axis.plot(*point, "o", color="crimson", label="operating point")
+        axis.legend(loc="lower right")
+    axis.set_xlabel(x_label)
+    axis.set_ylabel(y_label)
+    axis.set_title(title)
+    axis.set_xlim(-0.01, 1.01)
+    axis.set_ylim(-0.01, 1.01)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()

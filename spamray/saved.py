@@ -78,6 +78,16 @@ def read_metadata(url: str) -> dict:
     return metadata
 
 
+def model_version(metadata: dict) -> str:
+    """Names what scores: the weights, and the calibration and operating point when there are
+    any (a classifier saved without them keeps the name it always had)."""
+    weights = metadata["weights"]["sha256"]
+    calibration = {key: metadata.get(key) for key in ("temperature", "operating_point")}
+    if calibration["temperature"] in (None, 1.0) and calibration["operating_point"] is None:
+        return weights[:16]
+    return hashlib.sha256((weights + json.dumps(calibration, sort_keys=True)).encode()).hexdigest()[:16]
+
+
 def read_saved(url: str, expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> tuple[dict, dict[str, torch.Tensor]]:
     """Metadata and weights of a saved classifier, each tensor checked against `expected`.
 

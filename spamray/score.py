@@ -106,7 +106,7 @@ class Scorer:
     was starting replicas), and a batch already started MAX_BATCH_STARTS times (see there)."""
 
     def __init__(self, model_url: str, threads: int, model_name: str, precision: str = "auto",
-                 model_version: str | None = None, batch_starts=None):
+                 model_version: str | None = None, batch_starts=None, threshold: float | None = None):
         import torch
 
         from .classifier import TextClassifier
@@ -127,6 +127,7 @@ class Scorer:
         self.model_name = model_name
         self.node = replica_node()
         self.batch_starts = batch_starts
+        self.threshold = threshold
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.batch_starts is not None:
@@ -150,7 +151,7 @@ class Scorer:
         full = np.zeros((batch.num_rows, len(self.columns)), dtype=np.float32)
         full[scoreable] = probs
         label_ids = np.zeros(batch.num_rows, dtype=np.int64)
-        label_ids[scoreable] = probs.argmax(axis=1)
+        label_ids[scoreable] = self.classifier.label_ids(probs, self.threshold) if len(probs) else 0
         labels = np.asarray(self.classifier.labels, dtype=object)[label_ids]
         out = batch.drop_columns(["token_ids"])
         if file_errors is not None:
@@ -192,7 +193,13 @@ def score(cfg: ScoreConfig) -> dict:
     metadata = saved.read_metadata(cfg.model)  # a model that cannot load fails before any work
     if not storage.exists(storage.join(cfg.model, metadata["weights"]["file"])):
         raise saved.SavedClassifierError(f"{cfg.model} is incomplete: {metadata['weights']['file']} is missing")
-    model_version, labels, max_length = metadata["weights"]["sha256"][:16], metadata["labels"], metadata["max_length"]
+    classifier_version, labels, max_length = saved.model_version(metadata), metadata["labels"], metadata["max_length"]
+    threshold = (metadata.get("operating_point") or {}).get("threshold")
+    model_version = classifier_version
+    if cfg.threshold is not None:
+        if len(labels) != 2:
+            raise ValueError(f"--threshold applies to a classifier of two labels; {cfg.model} has {len(labels)}")
+        threshold, model_version = cfg.threshold, f"{classifier_version}-t{cfg.threshold:g}"  # other labels
     carried_columns = [c for c in dict.fromkeys([cfg.id_column, *cfg.keep]) if c and c != cfg.text_column]
     check_output_names(carried_columns, labels)
     table = ScoresTable(cfg.output)
@@ -205,13 +212,13 @@ def score(cfg: ScoreConfig) -> dict:
     mode = "incremental" if cfg.incremental else "overwrite" if cfg.overwrite else "create"
     to_score = plan_inputs(state, [f for f in files if f.url not in failed], model_version, mode)
     rows_to_score = sum(rows[f.url] for f in to_score) if all(rows[f.url] is not None for f in to_score) else None
-    run = Run(new_run_id(), table, state, to_score, rows_to_score, mode, model_version, max_length, carried_types,
-              keep_text, data_schema)
+    run = Run(new_run_id(), table, state, to_score, rows_to_score, mode, model_version, classifier_version, max_length,
+              carried_types, keep_text, data_schema)
     summary = {"run_id": run.run_id, "output": table.url, "table_version": state.version, "files_seen": len(files),
                "files_scored": 0, "files_already_scored": 0, "files_failed": failed,
                "files_skipped": [asdict(f) for f in skipped], "rows_read": 0, "rows_written": 0,
                "rows_per_status": {}, "rows_per_label": {}, "data_files_added": 0, "data_files_removed": 0,
-               "bytes_written": 0, "replica_nodes": []}
+               "bytes_written": 0, "replica_nodes": [], "threshold": threshold}
     for file in skipped:
         logger.info(f"skipped {file.url}: {file.reason}")
     if run.to_score:
@@ -247,7 +254,8 @@ class Run:
     to_score: list[InputFile]
     rows_to_score: int | None  # None when a CSV among them has not been counted
     mode: str  # see scores_table.RunOutput
-    model_version: str
+    model_version: str  # what the table records: the classifier's version, and a --threshold given
+    classifier_version: str  # what every replica must load
     max_length: int
     carried_types: dict[str, pa.DataType]
     keep_text: bool
@@ -279,6 +287,7 @@ def score_into_table(cfg: ScoreConfig, run: Run, summary: dict) -> None:
         output = RunOutput(run.run_id, run.model_version, run.mode, {f.url: f for f in scored},
                            {f.url: files[f.url] for f in scored}, failed=set(summary["files_failed"]))
         record = {"spamray": {"run_id": run.run_id, "model": cfg.model, "model_version": run.model_version,
+                              "threshold": summary["threshold"],
                               "precision": precision, "files_scored": len(scored), "rows": audit.rows_written,
                               "files_failed": summary["files_failed"]}}
         result = table.commit(run.state, output, schema, record)
@@ -342,7 +351,8 @@ def scoring_pipeline(cfg: ScoreConfig, run: Run, batch_starts):
                      num_cpus=reserved_cpus, num_gpus=1 if use_gpu else 0,
                      fn_constructor_kwargs={"model_url": cfg.model, "threads": cfg.cpus_per_replica,
                                             "model_name": cfg.model, "precision": precision,
-                                            "model_version": run.model_version, "batch_starts": batch_starts})
+                                            "model_version": run.classifier_version,
+                                            "batch_starts": batch_starts, "threshold": cfg.threshold})
         .map_batches(write_data_files, batch_size=WRITE_BATCH_ROWS, batch_format="pyarrow", num_cpus=TASK_CPUS,
                      fn_kwargs={"table_url": run.table.url, "run_id": run.run_id, "data_schema": run.data_schema})
     )

@@ -28,6 +28,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from safetensors.torch import load_file, save_file
 
 from . import storage
+from .calibrate import calibrate
 from .classifier import TextClassifier
 from .config import TrainConfig
 from .driver_actors import ProgressBoard, start_beside_driver
@@ -348,7 +349,9 @@ def train(cfg: TrainConfig) -> dict:
         final_state = torch.load(Path(folder) / STATE_FILE, weights_only=True)
     history = final_state["history"]
     classifier.eval()
-    metrics = {**accuracy_by_split(classifier, cfg.data), "training": result.metrics, "history": history,
+    calibration = calibrate(classifier, cfg.data, cfg.target_fpr)
+    metrics = {**accuracy_by_split(classifier, cfg.data), "calibration": calibration, "training": result.metrics,
+               "history": history,
                "settings": {**asdict(cfg), "run_name": run_name, "storage_path": storage_path}}
     classifier.metrics = metrics
     classifier.save(cfg.output, overwrite=cfg.overwrite, extra_files=plot_history(history, cfg.epochs, final_state["examples_seen"]))

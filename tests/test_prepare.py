@@ -1,5 +1,6 @@
 """The book's data preparation, and what bad input gets."""
 
+import json
 import logging
 import zipfile
 from importlib import resources
@@ -33,6 +34,19 @@ def test_book_procedure_is_reproduced(prepared_sms):
     sms = read_labelled("sms")
     row = splits["test"].iloc[5]
     assert sms.loc[row["source_row"] - 1, "text"] == row["text"]
+
+
+def test_the_ham_balancing_left_out_is_kept_aside_in_two_halves(prepared_sms):
+    # For choosing a spam filter's threshold on one half and measuring its false-positive rate on
+    # the other: thousands of legitimate messages, none of them in the book's three splits.
+    book = pd.concat(pd.read_parquet(f"{prepared_sms}/{name}.parquet") for name in ("train", "validation", "test"))
+    tune, test = (pd.read_parquet(f"{prepared_sms}/{name}.parquet") for name in ("heldout_tune", "heldout_test"))
+    assert (len(tune), len(test)) == (2040, 2040) and set(tune["label_name"]) == set(test["label_name"]) == {"not spam"}
+    rows = [set(part["source_row"]) for part in (book, tune, test)]
+    assert not (rows[0] & rows[1] or rows[0] & rows[2] or rows[1] & rows[2])
+    assert len(rows[0] | rows[1] | rows[2]) == 5574  # every message is somewhere, once
+    counts = json.loads(open(f"{prepared_sms}/labels.json").read())["counts"]
+    assert counts["heldout_tune"] == {"not spam": 2040, "spam": 0} and counts["test"] == {"not spam": 149, "spam": 151}
 
 
 def test_other_label_sets_and_no_balancing(tmp_path):

@@ -51,13 +51,13 @@ def latest_checkpoint_epoch(storage_path: Path) -> int:
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, prepared_sms, tmp_path):
-    # One worker, 130 steps an epoch (1,045 // 8), in a `spamray train` process of its own: once
+    # One worker, 32 steps an epoch (1,045 // 32), in a `spamray train` process of its own: once
     # Ray Train has registered the first epoch's checkpoint, the worker's process is killed
     # (SIGKILL, as a crash or the out-of-memory killer would).
     args = ["train", "--data", prepared_sms, "--output", str(tmp_path / "model"), "--weights", "random",
             "--preset", "gpt2-tiny", "--trainable", "all", "--learning-rate", "5e-4", "--epochs", "2",
-            "--eval-freq", "10", "--num-workers", "1", "--cpus-per-worker", "2", "--max-failures", "1",
-            "--storage-path", str(tmp_path / "runs")]
+            "--eval-freq", "10", "--batch-size", "32", "--num-workers", "1", "--cpus-per-worker", "2",
+            "--max-failures", "1", "--storage-path", str(tmp_path / "runs")]
     run = spamray_process(SPAMRAY, args)
     deadline = time.time() + 300
     while time.time() < deadline and run.poll() is None and latest_checkpoint_epoch(tmp_path / "runs") < 1:
@@ -70,15 +70,15 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, prepared_sm
     metrics = TextClassifier.load(str(tmp_path / "model")).metrics
     training = metrics["training"]
     assert training["resumed_from_epoch"] == 1  # restarted from epoch 1's checkpoint, not step 0
-    assert training["global_step"] == 2 * 130 - 1  # no step counted twice
-    assert training["examples_seen"] == 2 * 130 * 8
+    assert training["global_step"] == 2 * 32 - 1  # no step counted twice
+    assert training["examples_seen"] == 2 * 32 * 32
 
     # Started again with the same settings (saving elsewhere) after it finished: nothing is trained twice.
-    cfg = tiny_config(tmp_path, prepared_sms, output=str(tmp_path / "model-again"), epochs=2, num_workers=1,
-                      cpus_per_worker=2)
+    cfg = tiny_config(tmp_path, prepared_sms, output=str(tmp_path / "model-again"), epochs=2, batch_size=32,
+                      num_workers=1, cpus_per_worker=2)
     again = train(cfg)
     assert again["training"]["resumed_from_epoch"] == 2  # the finished run's final checkpoint, handed back
-    assert again["training"]["global_step"] == 2 * 130 - 1 and again["training"]["examples_seen"] == 2 * 130 * 8
+    assert again["training"]["global_step"] == 2 * 32 - 1 and again["training"]["examples_seen"] == 2 * 32 * 32
     assert again["test_accuracy"] == metrics["test_accuracy"]
 
 

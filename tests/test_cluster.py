@@ -57,6 +57,9 @@ def loopback_head(monkeypatch):
     subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                     f"--temp-dir={temp_dir}", "--disable-usage-stats",
+                    # Its own job agent port: every head on a machine defaults to 52365, and the
+                    # suite's in-process Ray may hold it (jobs then get "No available agent").
+                    f"--dashboard-agent-listen-port={free_port()}",
                     # Its own client-server port: the default 10001 is shared by every head on a machine,
                     # and that process names no temp dir; the port names it for the teardown.
                     f"--ray-client-server-port={client}"], env=env, check=True, capture_output=True, timeout=180)

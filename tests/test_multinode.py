@@ -28,7 +28,9 @@ def two_worker_cluster(monkeypatch, s3_endpoint):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a loopback test cluster: no token
     dashboard = free_port()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,
-                                                            "dashboard_host": "127.0.0.1", "dashboard_port": dashboard})
+                                                            "dashboard_host": "127.0.0.1", "dashboard_port": dashboard,
+                                                            # not the default 52365 another Ray here may hold
+                                                            "dashboard_agent_listen_port": free_port()})
     workers = [cluster.add_node(num_cpus=1, resources={name: 1}) for name in ("node_a", "node_b")]
     cluster.wait_for_nodes()
     yield cluster, workers, f"http://127.0.0.1:{dashboard}"
@@ -159,7 +161,7 @@ def test_training_across_nodes_resumes_from_its_checkpoint_after_losing_a_node(t
     cluster, workers, _ = two_worker_cluster
     place = s3_place
     data = place.upload(prepared_sms, "data")
-    epochs, steps_per_epoch = 3, 1045 // 2 // 8  # each worker: half the training split, in batches of 8
+    epochs, steps_per_epoch = 2, 1045 // 2 // 8  # each worker: half the training split, in batches of 8
     command = [sys.executable, "-m", "spamray.cli", "train", "--data", data, "--output", place.join("model"),
                "--weights", "random", "--preset", "gpt2-tiny", "--trainable", "all", "--learning-rate", "5e-4",
                "--epochs", str(epochs), "--num-workers", "2", "--cpus-per-worker", "1", "--max-failures", "1",

@@ -1,5 +1,6 @@
 """A spam filter's operating point and calibration, end to end: prepared held-out ham, the
-calibrate verb, the saved classifier, evaluate's figures and curves, and scoring with it."""
+calibrate verb, the saved classifier, evaluate's figures and curves, and scoring with it.
+(Named to run after the multi-node tests: its in-process Ray would slow their clusters.)"""
 
 import json
 from pathlib import Path

@@ -21,7 +21,7 @@ class Progress:
         self.interactive = sys.stderr.isatty() if interactive is None else interactive
         self.line_every_s = line_every_s
         self.done, self.fields, self.baseline = 0, {}, 0
-        self.started = self.last_line = time.monotonic()
+        self.created = self.started = self.last_line = time.monotonic()
         self.bar = (tqdm(total=total, desc=what, unit=f" {unit}", unit_scale=(total or 0) >= 10_000,
                          dynamic_ncols=True, file=sys.stderr, leave=False) if self.interactive else None)
 
@@ -44,6 +44,9 @@ class Progress:
         """One line for logs: `what: 1,200 of 5,574 rows (22%), 410 rows/s, 11 s left; loss 0.31`."""
         elapsed = max(time.monotonic() - self.started, 1e-9)
         rate = (self.done - self.baseline) / elapsed
+        if self.done == self.baseline:  # one update so far: count it from the start
+            elapsed = max(time.monotonic() - self.created, 1e-9)
+            rate = self.done / elapsed
         text = f"{self.what}: {self.done:,}"
         if self.total:
             text += f" of {self.total:,} {self.unit} ({self.done / self.total:.0%})"

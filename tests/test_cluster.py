@@ -92,7 +92,7 @@ def stop_processes(pattern: str) -> None:
             process.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(processes, timeout=30)
+    _, alive = psutil.wait_procs(processes, timeout=5)  # a test cluster: then SIGKILL what is left
     for process in alive + matching():
         try:
             process.kill()

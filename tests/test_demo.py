@@ -1,10 +1,13 @@
 """What a person sees: `spamray demo` on a terminal (a pseudo-terminal here) shows progress bars
 and stays short; Ray's own lines stay in its log files unless --verbose."""
 
+import contextlib
 import fcntl
 import os
 import pty
 import re
+import select
+import signal
 import struct
 import subprocess
 import sys
@@ -24,17 +27,25 @@ def run_on_a_terminal(args: list[str], timeout_s: float = 600) -> tuple[int, str
     process = subprocess.Popen([sys.executable, "-m", "spamray.cli", *args], stdin=secondary, stdout=secondary,
                                stderr=secondary, env=env, start_new_session=True)
     os.close(secondary)
-    chunks, deadline = [], time.time() + timeout_s
-    while time.time() < deadline:
-        try:
-            chunk = os.read(main, 65536)
-        except OSError:  # the terminal closed: the process has ended
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
+    chunks, deadline, ended_at = [], time.time() + timeout_s, None
+    # Read until spamray has exited (and a moment more for what it wrote last): Ray's helper
+    # processes can hold the terminal open for a while after the driver is gone.
+    while time.time() < deadline and (ended_at is None or time.time() < ended_at + 1):
+        if select.select([main], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # the terminal closed
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        elif ended_at is None and process.poll() is not None:
+            ended_at = time.time()
+    code = process.wait(timeout=60)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # its own session: whatever of Ray is left
     os.close(main)
-    return process.wait(timeout=60), b"".join(chunks).decode("utf-8", "replace")
+    return code, b"".join(chunks).decode("utf-8", "replace")
 
 
 def test_the_demo_on_a_terminal_shows_progress_bars_and_stays_short(tmp_path):

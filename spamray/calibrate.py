@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .classifier import TextClassifier
-from .operating_point import OperatingPoint, expected_calibration_error, fit_temperature, log_loss, softmax, threshold_for_fpr
+from .operating_point import OperatingPoint, calibration_report, fit_temperature, softmax, threshold_for_fpr
 from .prepare import has_split, split_url
 
 logger = logging.getLogger(__name__)
@@ -36,10 +36,8 @@ def calibrate(classifier: TextClassifier, data: str, target_fpr: float | None) -
     operating point; returns what was fitted and measured."""
     logits, labels = split_logits(classifier, data, "validation")
     classifier.temperature = fit_temperature(logits, labels)
-    report = {"temperature": classifier.temperature, "validation": {
-        "log_loss_before": log_loss(softmax(logits), labels), "log_loss_after": log_loss(softmax(logits, classifier.temperature), labels),
-        "ece_before": expected_calibration_error(softmax(logits), labels),
-        "ece_after": expected_calibration_error(softmax(logits, classifier.temperature), labels)}}
+    report = {"temperature": classifier.temperature,
+              "validation": calibration_report(logits, labels, classifier.temperature)}
     logger.info(f"calibration: temperature {classifier.temperature:.3f} on the validation split (log loss "
                 f"{report['validation']['log_loss_before']:.4f} -> {report['validation']['log_loss_after']:.4f}, ECE "
                 f"{report['validation']['ece_before']:.4f} -> {report['validation']['ece_after']:.4f})")

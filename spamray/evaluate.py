@@ -12,8 +12,8 @@ import pandas as pd
 from . import storage
 from .classifier import TextClassifier
 from .config import EvaluateConfig
-from .operating_point import (REPORTED_FPRS, average_precision, expected_calibration_error, log_loss,
-                              precision_recall_curve, rates_at, recall_at_fpr, roc_auc, roc_curve, softmax)
+from .operating_point import (REPORTED_FPRS, average_precision, calibration_report, precision_recall_curve, rates_at,
+                              recall_at_fpr, roc_auc, roc_curve, softmax)
 from .plots import plot_curve
 from .prepare import SPLITS, has_split, read_labelled, split_url
 
@@ -87,9 +87,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
               **classification_report(true_ids, classifier.label_ids(probs), classifier.labels),
               "argmax_accuracy": float((probs.argmax(axis=1) == true_ids).mean()),
               "calibration": {"temperature": classifier.temperature,
-                              "log_loss_before": log_loss(softmax(logits), true_ids), "log_loss_after": log_loss(probs, true_ids),
-                              "ece_before": expected_calibration_error(softmax(logits), true_ids),
-                              "ece_after": expected_calibration_error(probs, true_ids)}}
+                              **calibration_report(logits, true_ids, classifier.temperature)}}
     if len(classifier.labels) == 2 and len(set(true_ids.tolist())) == 2:
         heldout = heldout_ham_scores(classifier, cfg.data) if prepared and has_split(cfg.data, "heldout_test") else None
         report["binary"] = binary_report(classifier, probs[:, 1], true_ids, heldout)

@@ -131,6 +131,14 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.exp((low + high) / 2))
 
 
+def calibration_report(logits: np.ndarray, labels: np.ndarray, temperature: float) -> dict:
+    """Log loss and expected calibration error of softmax(logits) and of softmax(logits / T)."""
+    before, after = softmax(logits), softmax(logits, temperature)
+    return {"log_loss_before": log_loss(before, labels), "log_loss_after": log_loss(after, labels),
+            "ece_before": expected_calibration_error(before, labels),
+            "ece_after": expected_calibration_error(after, labels)}
+
+
 @dataclass
 class OperatingPoint:
     """What a binary classifier flags: the positive label's probability >= threshold, chosen so

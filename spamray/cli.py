@@ -12,7 +12,7 @@ import typing
 from collections.abc import Callable, Sequence
 
 from .config import (CalibrateConfig, ClassifyConfig, DemoConfig, EvaluateConfig, PrepareConfig, ScoreConfig,
-                     TrainConfig)
+                     TrainConfig, VacuumConfig)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
@@ -172,12 +172,20 @@ def run_score(cfg: ScoreConfig) -> int:
     from .score import score
 
     start_ray()
-    failed = score(cfg)["files_failed"]
+    failed = score(cfg).files_failed
     if failed:  # the other files are committed; a scheduler must still see that this night was not whole
         print(f"spamray score: error: {len(failed)} input file(s) failed (see FAILED above): {', '.join(failed)}; "
               "the other files were committed, and the next run tries these again", file=sys.stderr)
         return 1
     return 0
+
+
+def run_vacuum(cfg: VacuumConfig) -> None:
+    from .scores_table import ScoresTable
+
+    table = ScoresTable(cfg.output)
+    deleted = table.vacuum_unnamed(cfg.retention_hours)
+    print(f"vacuum of {table.url}: deleted {len(deleted)} files that no version names, older than {cfg.retention_hours:g} h")
 
 
 def run_demo(cfg: DemoConfig) -> None:
@@ -197,6 +205,8 @@ VERBS: dict[str, tuple[type, Callable, str]] = {
                   "target false-positive rate on a prepared folder's held-out data"),
     "classify": (ClassifyConfig, run_classify, "label a few messages (one JSON line each)"),
     "score": (ScoreConfig, run_score, "score Parquet/CSV archives with Ray Data into a Delta Lake table"),
+    "vacuum": (VacuumConfig, run_vacuum, "maintenance of a scores table: delete the files no version names (killed "
+               "runs', replaced ones) once older than --retention-hours"),
     "demo": (DemoConfig, run_demo, "offline end to end: prepare, train a small GPT-2 from random weights, "
              "evaluate, score"),
 }

@@ -132,9 +132,17 @@ class ScoreConfig:
                                      "reaches this (default: the classifier's operating point, else the most "
                                      "probable label)")
     read_batch_rows: int = option(65536, "rows per block when reading a file")
-    retention_hours: float = option(168.0, "after each commit, vacuum deletes files that no table version still "
-                                    "needs (a killed run's, replaced ones) once older than this; keep it longer "
-                                    "than the longest run, whose files are unreferenced until it commits")
+    retention_hours: float = option(168.0, "after each commit, vacuum deletes the files that commits replaced once "
+                                    "older than this (time travel reaches back this far); files no commit named "
+                                    "go only with `spamray vacuum`")
+
+
+@dataclass
+class VacuumConfig:
+    output: str = required("the scores table (Delta Lake): a path or URL")
+    retention_hours: float = option(168.0, "delete files that no table version names (killed runs', replaced ones) "
+                                    "once older than this; at least 24, and longer than your longest scoring run, "
+                                    "whose files are named only when it commits")
 
 
 @dataclass

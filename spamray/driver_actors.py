@@ -38,3 +38,16 @@ class ProgressBoard:
 
     def read(self) -> dict:
         return self.state
+
+
+class RowsWritten:
+    """Rows the scoring run's writer tasks have written so far, for the driver's progress bar."""
+
+    def __init__(self):
+        self.rows = 0
+
+    def add(self, rows: int) -> None:
+        self.rows += rows
+
+    def total(self) -> int:
+        return self.rows

@@ -97,14 +97,19 @@ def list_input_files(url: str, exclude: str | None = None) -> tuple[list[InputFi
             skipped.append(SkippedFile(name, str(error).split(": ", 1)[1]))
             continue
         info = fs.info(p)
-        version = next((str(info[key]) for key in ("ETag", "etag", "mtime", "LastModified", "updated") if info.get(key)), "")
-        files.append(InputFile(url=name, size=int(info.get("size") or 0), version=version))
+        files.append(InputFile(url=name, size=int(info.get("size") or 0), version=input_version(info)))
     if skipped_table:
         skipped.append(SkippedFile(exclude, "the output table itself, under the input path"))
     if not files:
         raise FileNotFoundError(f"input {url} holds no {', '.join(FORMATS)} files"
                                 + (f" ({len(skipped)} other files skipped)" if skipped else ""))
     return files, skipped
+
+
+def input_version(info: dict) -> str:
+    """What tells a changed file from the same one: its etag, else its modification time ("" where
+    the filesystem reports neither: then only a change of size is seen)."""
+    return next((str(info[key]) for key in ("ETag", "etag", "mtime", "LastModified", "updated") if info.get(key)), "")
 
 
 def open_input(url: str):
@@ -122,17 +127,20 @@ def file_schema(file: InputFile) -> tuple[pa.Schema, int | None]:
         return pacsv.open_csv(handle, parse_options=_parse_options(file.format)).schema, None
 
 
-def check_inputs(files: list[InputFile], text_column: str,
-                 carried: list[str]) -> tuple[dict[str, pa.DataType], dict[str, str], dict[str, int | None]]:
-    """Before any work: (the output type of each carried column, files that cannot be read -> why,
-    each readable file's rows where known).
+def check_inputs(files: list[InputFile], text_column: str, carried: list[str],
+                 table_types: dict[str, pa.DataType] | None = None,
+                 ) -> tuple[dict[str, pa.DataType], dict[str, str], dict[str, int | None]]:
+    """Before any work: (the output type of each carried column, files that cannot be read or
+    stored -> why, each readable file's rows where known).
 
     A file without a needed column fails the run at once (the options are wrong, not the file);
     a file that cannot be opened is reported and left out, and the others go on. CSV columns are
-    text; a Parquet column keeps its type, made one that Delta tables hold, and must have that
-    type in every file.
+    text; a Parquet column keeps its type, made one that Delta tables hold. A column's type is the
+    table's where the table has it, else the widest of the files' (int32 and int64 give int64,
+    float32 and float64 float64, an all-null column takes the others' type); a file whose column
+    cannot be cast to it without loss is that file's error.
     """
-    types: dict[str, tuple[pa.DataType, str]] = {}
+    found: dict[str, dict[str, pa.DataType]] = {}
     unreadable: dict[str, str] = {}
     rows: dict[str, int | None] = {}
     for file in files:
@@ -145,21 +153,50 @@ def check_inputs(files: list[InputFile], text_column: str,
         if missing:
             raise ValueError(f"{file.url} has no column {missing[0]!r}; its columns are {schema.names}. "
                              "Name the right one with --text-column / --id-column / --keep.")
-        for column in carried:
-            kind = delta_type(schema.field(column).type) if file.format == "parquet" else pa.string()
-            first = types.setdefault(column, (kind, file.url))
-            if first[0] != kind:
-                raise ValueError(f"column {column!r} is {first[0]} in {first[1]} but {kind} in {file.url}; "
-                                 "an output column needs one type (rewrite one file, or leave the column out)")
-    return {column: kind for column, (kind, _) in types.items()}, unreadable, rows
+        found[file.url] = {column: delta_type(schema.field(column).type) if file.format == "parquet" else pa.string()
+                           for column in carried}
+    types = {column: (table_types or {}).get(column) or widest([kinds[column] for kinds in found.values()])
+             for column in carried}
+    for url, kinds in found.items():
+        lossy = [column for column in carried if not widens_to(kinds[column], types[column])]
+        if lossy:
+            column = lossy[0]
+            unreadable[url] = (f"column {column!r} is {kinds[column]} here but {types[column]} in the output; it cannot "
+                               "be stored without loss (rewrite the file with that type, or leave the column out)")
+            rows.pop(url, None)
+    return {column: kind if not pa.types.is_null(kind) else pa.string() for column, kind in types.items()}, unreadable, rows
+
+
+def widest(kinds: list[pa.DataType]) -> pa.DataType:
+    """The type all of `kinds` widen to without loss, or the most common one where there is none
+    (the files of other types are then each that file's error)."""
+    result = pa.null()
+    for kind in kinds:
+        if widens_to(result, kind):
+            result = kind
+        elif not widens_to(kind, result):
+            return max(set(kinds), key=kinds.count)
+    return result
+
+
+def widens_to(kind: pa.DataType, target: pa.DataType) -> bool:
+    """Whether every value of `kind` casts to `target` as the same value."""
+    if kind == target or pa.types.is_null(kind):
+        return True
+    if pa.types.is_integer(kind) and pa.types.is_integer(target):
+        return target.bit_width >= kind.bit_width and pa.types.is_signed_integer(target)
+    if pa.types.is_floating(kind) and pa.types.is_floating(target):
+        return target.bit_width >= kind.bit_width
+    return False
 
 
 def delta_type(kind: pa.DataType) -> pa.DataType:
     """The type a Delta table stores a column of Arrow type `kind` as (no unsigned integers,
-    microsecond timestamps, no large or dictionary variants)."""
+    microsecond timestamps, no large or dictionary variants; null stays null here, to take the
+    type of the other files' column)."""
     if pa.types.is_dictionary(kind):
         return delta_type(kind.value_type)
-    if pa.types.is_large_string(kind) or pa.types.is_null(kind) or getattr(pa.types, "is_string_view", lambda _: False)(kind):
+    if pa.types.is_large_string(kind) or getattr(pa.types, "is_string_view", lambda _: False)(kind):
         return pa.string()
     if pa.types.is_large_binary(kind):
         return pa.binary()
@@ -168,7 +205,9 @@ def delta_type(kind: pa.DataType) -> pa.DataType:
     if pa.types.is_float16(kind):
         return pa.float32()
     if pa.types.is_timestamp(kind):
-        return pa.timestamp("us", tz=kind.tz)
+        # A timestamp without a time zone needs table protocol (3,7), which older Spark, Trino and
+        # Athena readers cannot open: it is stored as UTC, the reading readers assume for it.
+        return pa.timestamp("us", tz=kind.tz or "UTC")
     if pa.types.is_date64(kind):
         return pa.date32()
     return kind

@@ -3,15 +3,16 @@
     input files --read (one task per file, streamed in chunks)--> rows with source_file/source_row
       --tokenize (CPU map_batches: status, truncation, token ids)-->
       --score (actor pool of model replicas, one GPU each where there are GPUs)-->
-      --write (tasks: Parquet files into the Delta table's folder, one per input file per batch)-->
-    driver: verify every row once --> one Delta commit (see scores_table) --> vacuum
+      --write (a Ray Datasink, scores_sink: Parquet files into the Delta table, one per input file per batch)-->
+    driver: verify every row once --> one Delta commit (see scores_table) --> vacuum of removed files
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
@@ -19,12 +20,11 @@ import pyarrow as pa
 
 from . import saved, storage
 from .config import PRECISIONS, ScoreConfig
-from .driver_actors import BatchStarts, start_beside_driver
+from .driver_actors import BatchStarts, RowsWritten, start_beside_driver
 from .classifier import probability_column
 from .inputs import InputFile, check_inputs, list_input_files, read_chunks
 from .progress import Progress
-from .scores_table import (PARTITIONS, RunOutput, ScoresTable, TableState, audit_written, new_run_id, plan_inputs,
-                           table_schema, write_data_files, write_file, written_files)
+from .scores_table import IDENTITY, PARTITIONS, ScoresTable, TableState, plan_inputs, table_schema
 from .tokenizer import get_tokenizer
 
 SCOREABLE = ("ok", "truncated")
@@ -55,7 +55,8 @@ MAX_BATCH_STARTS = 3
 
 
 def output_schema(carried: dict[str, pa.DataType], keep_text: bool, labels: list[str]) -> pa.Schema:
-    """The columns of the data files (the table adds its partition columns, see scores_table)."""
+    """The scores columns of the data files (the table adds the identity and partition columns,
+    see scores_table)."""
     fields = [pa.field(name, kind) for name, kind in carried.items() if name != "text"]
     if keep_text:
         fields.append(pa.field("text", pa.string()))
@@ -67,7 +68,7 @@ def output_schema(carried: dict[str, pa.DataType], keep_text: bool, labels: list
 
 def check_output_names(carried: list[str], labels: list[str]) -> None:
     """An input column carried into the output must not take the name of one the output writes."""
-    taken = set(output_schema({}, False, labels).names) | set(PARTITIONS) | INTERNAL_COLUMNS
+    taken = set(output_schema({}, False, labels).names) | set(IDENTITY) | set(PARTITIONS) | INTERNAL_COLUMNS
     for column in carried:
         if column in taken:
             raise ValueError(f"--keep/--id-column {column!r}: the scores output writes a column of that name itself; "
@@ -185,10 +186,36 @@ def killer_batch_errors(batch: pa.Table, crashes: int) -> pa.Array:
     return pa.array([errors[file] for file in batch["source_file"].to_pylist()], pa.string())
 
 
-def score(cfg: ScoreConfig) -> dict:
+@dataclass
+class ScoreSummary:
+    """What a scoring run did, as `score` returns it and the CLI prints it."""
+
+    run_id: str
+    output: str
+    table_version: int | None  # the version holding this run's rows (None: no table yet)
+    files_seen: int
+    threshold: float | None
+    files_failed: dict[str, str]  # input -> why (nothing of it committed; the next run tries again)
+    files_skipped: list[dict]  # {url, reason}: not data files
+    files_scored: int = 0
+    files_already_scored: int = 0  # committed meanwhile by another run with the same model
+    rows_read: int = 0
+    rows_written: int = 0
+    rows_per_status: dict[str, int] = field(default_factory=dict)
+    rows_per_label: dict[str, int] = field(default_factory=dict)
+    data_files_added: int = 0
+    data_files_removed: int = 0
+    bytes_written: int = 0
+    replica_nodes: list[str] = field(default_factory=list)
+    precision: str | None = None
+    seconds: float = 0.0
+    rows_per_second: float = 0.0
+
+
+def score(cfg: ScoreConfig) -> ScoreSummary:
     """Scores `cfg.input` into the Delta table `cfg.output`; returns the run summary. Files that
-    failed (unreadable, or a batch of them kept killing its replica) are in `files_failed`; the
-    others are committed."""
+    failed (unreadable, changed during the run, or a batch of them kept killing its replica) are
+    in `files_failed`; the others are committed."""
     started = time.time()
     metadata = saved.read_metadata(cfg.model)  # a model that cannot load fails before any work
     if not storage.exists(storage.join(cfg.model, metadata["weights"]["file"])):
@@ -204,21 +231,22 @@ def score(cfg: ScoreConfig) -> dict:
     check_output_names(carried_columns, labels)
     table = ScoresTable(cfg.output)
     files, skipped = list_input_files(cfg.input, exclude=table.url)
-    carried_types, failed, rows = check_inputs(files, cfg.text_column, carried_columns)
+    state = table.read_state()
+    table_types = {name: state.schema.field(name).type for name in carried_columns
+                   if state.schema is not None and name in state.schema.names}
+    carried_types, failed, rows = check_inputs(files, cfg.text_column, carried_columns, table_types)
     keep_text = "text" in cfg.keep or cfg.text_column in cfg.keep
     data_schema = output_schema(carried_types, keep_text, labels)
-    state = table.read_state()
     table.check_columns(state, table_schema(data_schema))
     mode = "incremental" if cfg.incremental else "overwrite" if cfg.overwrite else "create"
     to_score = plan_inputs(state, [f for f in files if f.url not in failed], model_version, mode)
     rows_to_score = sum(rows[f.url] for f in to_score) if all(rows[f.url] is not None for f in to_score) else None
+    from .scores_sink import new_run_id
+
     run = Run(new_run_id(), table, state, to_score, rows_to_score, mode, model_version, classifier_version, max_length,
               carried_types, keep_text, data_schema)
-    summary = {"run_id": run.run_id, "output": table.url, "table_version": state.version, "files_seen": len(files),
-               "files_scored": 0, "files_already_scored": 0, "files_failed": failed,
-               "files_skipped": [asdict(f) for f in skipped], "rows_read": 0, "rows_written": 0,
-               "rows_per_status": {}, "rows_per_label": {}, "data_files_added": 0, "data_files_removed": 0,
-               "bytes_written": 0, "replica_nodes": [], "threshold": threshold}
+    summary = ScoreSummary(run_id=run.run_id, output=table.url, table_version=state.version, files_seen=len(files),
+                           threshold=threshold, files_failed=failed, files_skipped=[asdict(f) for f in skipped])
     for file in skipped:
         logger.info(f"skipped {file.url}: {file.reason}")
     if run.to_score:
@@ -226,10 +254,10 @@ def score(cfg: ScoreConfig) -> dict:
     else:
         logger.info(f"nothing new to score in {cfg.input} ({len(files) - len(failed)} readable files already scored "
             f"with model {model_version})")
-    for url, error in summary["files_failed"].items():
+    for url, error in summary.files_failed.items():
         logger.error(f"FAILED {url}: {error} (nothing of it committed; the next run tries it again)")
-    elapsed = time.time() - started
-    summary.update(seconds=elapsed, rows_per_second=summary["rows_written"] / elapsed)
+    summary.seconds = time.time() - started
+    summary.rows_per_second = summary.rows_written / summary.seconds
     logger.info(format_summary(summary))
     return summary
 
@@ -262,76 +290,82 @@ class Run:
     data_schema: pa.Schema
 
 
-def score_into_table(cfg: ScoreConfig, run: Run, summary: dict) -> None:
-    """Runs the pipeline over `run.to_score`, audits what it wrote, commits it; updates `summary`."""
+def score_into_table(cfg: ScoreConfig, run: Run, summary: ScoreSummary) -> None:
+    """Runs the pipeline over `run.to_score` into the table's sink (which audits and commits);
+    updates `summary`."""
     import ray
+
+    from .scores_sink import ScoresSink
 
     table, schema = run.table, table_schema(run.data_schema)
     if run.state.version is None:
         table.create(schema)
         run.state = table.read_state()
         table.check_columns(run.state, schema)
-    batch_starts = start_beside_driver(BatchStarts)
+    batch_starts, rows_written = start_beside_driver(BatchStarts), start_beside_driver(RowsWritten)
     try:
         dataset, precision = scoring_pipeline(cfg, run, batch_starts)
-        logger.info(f"scoring {len(run.to_score)} of {summary['files_seen']} files from {cfg.input} with {cfg.model} "
+        logger.info(f"scoring {len(run.to_score)} of {summary.files_seen} files from {cfg.input} with {cfg.model} "
                     f"({run.model_version}), {cfg.replicas} replica(s), {precision}, into {table.url}")
-        files, file_errors, nodes = written_files(run_pipeline(dataset, run.rows_to_score))
-        summary["replica_nodes"] = nodes
-        summary["files_failed"].update(file_errors)
-        scored = [f for f in run.to_score if f.url not in file_errors]
-        for file in scored:  # an input with no rows still gets its (empty) file: the log records it as scored
-            if file.url not in files:
-                files[file.url] = [write_file(table.fs, table.path, run.run_id, run.data_schema.empty_table(), file.url)]
-        audit = audit_written(table.fs, table.path, files, scored)
-        output = RunOutput(run.run_id, run.model_version, run.mode, {f.url: f for f in scored},
-                           {f.url: files[f.url] for f in scored}, failed=set(summary["files_failed"]))
-        record = {"spamray": {"run_id": run.run_id, "model": cfg.model, "model_version": run.model_version,
-                              "threshold": summary["threshold"],
-                              "precision": precision, "files_scored": len(scored), "rows": audit.rows_written,
-                              "files_failed": summary["files_failed"]}}
-        result = table.commit(run.state, output, schema, record)
+        record = {"model": cfg.model, "model_version": run.model_version, "threshold": summary.threshold,
+                  "precision": precision}
+        sink = ScoresSink(table, run.state, run.run_id, run.model_version, run.mode, run.data_schema, run.to_score,
+                          record, WRITE_BATCH_ROWS, rows_written)
+        write_with_progress(dataset, sink, rows_written, run.rows_to_score)
     finally:
         ray.kill(batch_starts)
-        # This run's files that no commit names (all of them if it failed; those of unreadable
-        # inputs, of retried tasks, of inputs another run committed first): nothing will read them.
-        table.delete(table.own_files(run.run_id), table.read_state())
+        ray.kill(rows_written)
+    outcome = sink.outcome
+    result, output, audit = outcome.result, outcome.output, outcome.audit
     added = [f for url in result.plan.adds for f in output.files[url]]
-    summary.update(table_version=result.version, files_scored=len(result.plan.adds),
-                   files_already_scored=len(result.plan.already_scored), precision=precision,
-                   rows_read=sum(audit.rows_per_file[url] for url in result.plan.adds),
-                   rows_written=sum(f.rows for f in added), bytes_written=sum(f.bytes for f in added),
-                   data_files_added=len(added), data_files_removed=len(result.plan.removes),
-                   rows_per_status=dict(audit.rows_per_status), rows_per_label=dict(audit.rows_per_label))
+    summary.files_failed.update(outcome.file_errors)
+    summary.replica_nodes, summary.precision = outcome.replica_nodes, precision
+    summary.table_version, summary.files_scored = result.version, len(result.plan.adds)
+    summary.files_already_scored = len(result.plan.already_scored)
+    summary.rows_read = sum(audit.rows_per_file[url] for url in result.plan.adds)
+    summary.rows_written, summary.bytes_written = sum(f.rows for f in added), sum(f.bytes for f in added)
+    summary.data_files_added, summary.data_files_removed = len(added), len(result.plan.removes)
+    summary.rows_per_status, summary.rows_per_label = dict(audit.rows_per_status), dict(audit.rows_per_label)
     if result.plan.already_scored:
         logger.info(f"{len(result.plan.already_scored)} file(s) were committed meanwhile by another run with the same model; "
             "this run's copies were dropped")
     try:
-        removed = table.vacuum(cfg.retention_hours)
+        removed = table.vacuum_removed(cfg.retention_hours)
         if removed:
-            logger.info(f"vacuum: deleted {len(removed)} files no longer in the table and older than {cfg.retention_hours:g} h")
+            logger.info(f"vacuum: deleted {len(removed)} replaced files older than {cfg.retention_hours:g} h")
     except Exception as error:  # the rows are committed; a cleanup that failed is retried by the next run
         logger.warning(f"vacuum of {table.url} failed ({error}); the next run tries again")
 
 
-def run_pipeline(dataset, rows_to_score: int | None) -> list[dict]:
-    """The writer tasks' rows (see scores_table.WRITTEN), gathered as they come, with progress
-    in rows written."""
+def write_with_progress(dataset, sink, rows_written, rows_to_score: int | None) -> None:
+    """Runs the pipeline into `sink`, showing the rows the writer tasks have written."""
+    import ray
+
     progress = Progress("scoring", rows_to_score, "rows", logger)
-    written = []
+    done = threading.Event()
+
+    def show_progress():
+        while not done.wait(0.5):
+            progress.update(ray.get(rows_written.total.remote()))
+
+    watcher = threading.Thread(target=show_progress, daemon=True)
+    watcher.start()
     try:
-        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            written.extend(batch.to_pylist())
-            progress.update(sum(row["rows"] for row in written))
+        dataset.write_datasink(sink, ray_remote_args={"num_cpus": TASK_CPUS})
     except Exception as error:  # Ray's errors wrap the cause in tracebacks: name it in one line
+        if sink.outcome.output is not None:  # the audit passed: the error is the commit's own
+            raise
         raise ScoringFailed(f"the scoring pipeline failed: {last_line(error)}") from error
     finally:
+        done.set()
+        watcher.join()
+        progress.update(ray.get(rows_written.total.remote()))
         progress.close()
-    return written
 
 
 def scoring_pipeline(cfg: ScoreConfig, run: Run, batch_starts):
-    """(the Ray Data pipeline: read -> tokenize -> score -> write, the replicas' precision)."""
+    """(the Ray Data pipeline: read -> tokenize -> score, the replicas' precision); its rows go to
+    the table's sink (scores_sink)."""
     import ray
     import ray.data
 
@@ -353,8 +387,6 @@ def scoring_pipeline(cfg: ScoreConfig, run: Run, batch_starts):
                                             "model_name": cfg.model, "precision": precision,
                                             "model_version": run.classifier_version,
                                             "batch_starts": batch_starts, "threshold": cfg.threshold})
-        .map_batches(write_data_files, batch_size=WRITE_BATCH_ROWS, batch_format="pyarrow", num_cpus=TASK_CPUS,
-                     fn_kwargs={"table_url": run.table.url, "run_id": run.run_id, "data_schema": run.data_schema})
     )
     dataset.context.target_max_block_size = OUTPUT_BLOCK_BYTES
     # A clear error, not a hang, when the cluster cannot place every replica (an autoscaler
@@ -391,12 +423,12 @@ def _read_files(batch: pa.Table, text_column: str, carried: dict[str, pa.DataTyp
         yield from read_chunks(path, text_column, carried, chunk_rows)
 
 
-def format_summary(summary: dict) -> str:
-    statuses = ", ".join(f"{k} {v:,}" for k, v in sorted(summary["rows_per_status"].items()))
-    labels = ", ".join(f"{k} {v:,}" for k, v in sorted(summary["rows_per_label"].items()) if k != "None")
-    failed = f"; {len(summary['files_failed'])} FAILED" if summary["files_failed"] else ""
-    skipped = f"; {len(summary['files_skipped'])} skipped" if summary["files_skipped"] else ""
-    nodes = f"; replicas on node(s) {', '.join(n[:12] for n in summary['replica_nodes'])}" if summary["replica_nodes"] else ""
-    return (f"scored {summary['files_scored']} of {summary['files_seen']} files{failed}{skipped}{nodes}: "
-            f"{summary['rows_written']:,} rows committed ({statuses or 'none'}); predicted {labels or 'nothing'}; "
-            f"{summary['rows_per_second']:,.0f} rows/s; table {summary['output']} at version {summary['table_version']}")
+def format_summary(summary: ScoreSummary) -> str:
+    statuses = ", ".join(f"{k} {v:,}" for k, v in sorted(summary.rows_per_status.items()))
+    labels = ", ".join(f"{k} {v:,}" for k, v in sorted(summary.rows_per_label.items()) if k != "None")
+    failed = f"; {len(summary.files_failed)} FAILED" if summary.files_failed else ""
+    skipped = f"; {len(summary.files_skipped)} skipped" if summary.files_skipped else ""
+    nodes = f"; replicas on node(s) {', '.join(n[:12] for n in summary.replica_nodes)}" if summary.replica_nodes else ""
+    return (f"scored {summary.files_scored} of {summary.files_seen} files{failed}{skipped}{nodes}: "
+            f"{summary.rows_written:,} rows committed ({statuses or 'none'}); predicted {labels or 'nothing'}; "
+            f"{summary.rows_per_second:,.0f} rows/s; table {summary.output} at version {summary.table_version}")

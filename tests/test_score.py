@@ -16,9 +16,10 @@ import spamray.score
 from spamray import TextClassifier
 from spamray.cli import main
 from spamray.config import ScoreConfig
-from spamray.inputs import InputFile
+from spamray.inputs import InputFile, list_input_files
 from spamray.score import Scorer, resolve_precision, score, tokenize_batch
-from spamray.scores_table import ScoresTable, WrittenFile, audit_written
+from spamray.scores_audit import audit_written
+from spamray.scores_table import ScoresTable, WrittenFile
 from conftest import SPAMRAY, spamray_process
 
 
@@ -63,7 +64,7 @@ def test_pipeline_equals_the_in_process_classifier_row_by_row(ray_local, model_u
                                 keep=["sender"], batch_size=32, read_batch_rows=100))
     frame = read_output(out)
     frame["source_file"] = frame["source_file"].str.replace(archive, str(mixed_archive), regex=False)
-    assert len(frame) == summary["rows_written"] == summary["rows_read"] == 302 + 6 + 202
+    assert len(frame) == summary.rows_written == summary.rows_read == 302 + 6 + 202
     assert not frame.duplicated(["source_file", "source_row"]).any()
     assert (frame["msg_id"] == "dup").sum() == 3  # duplicated ids are all kept, each its own row
     by_id = frame.set_index(["source_file", "source_row"]).sort_index()
@@ -72,8 +73,8 @@ def test_pipeline_equals_the_in_process_classifier_row_by_row(ray_local, model_u
     assert statuses["c999"] == "undecodable"
     null_row = by_id.loc[(str(mixed_archive / "part-1.parquet"), 300)]
     assert null_row["status"] == "null" and null_row["msg_id"] == "dup"
-    assert summary["rows_per_status"] == frame["status"].value_counts().to_dict()
-    assert set(frame["run_id"]) == {summary["run_id"]} and (frame["source_size"] > 0).all()
+    assert summary.rows_per_status == frame["status"].value_counts().to_dict()
+    assert set(frame["run_id"]) == {summary.run_id} and (frame["source_size"] > 0).all()
     unscored = frame[~frame["status"].isin(["ok", "truncated"])]
     assert len(unscored) == 4 and unscored[["label", "p_spam"]].isna().all().all()
 
@@ -236,10 +237,10 @@ def test_incremental_runs_score_only_new_or_changed_files(ray_local, model_url, 
     cfg = ScoreConfig(model=model_url, input=str(archive), output=out, incremental=True)
     assert score(cfg)["rows_written"] == 150
     again = score(cfg)
-    assert again["files_scored"] == 0 and again["rows_written"] == 0
+    assert again.files_scored == 0 and again.rows_written == 0
     pq.write_table(pa.table({"text": sms_messages[150:180]}), archive / "day-3.parquet")
     third = score(cfg)
-    assert third["files_scored"] == 1 and third["rows_written"] == 30
+    assert third.files_scored == 1 and third.rows_written == 30
     frame = read_output(out)
     assert len(frame) == 180 and not frame.duplicated(["source_file", "source_row"]).any()
     # A file rewritten in place: its old rows are replaced, not duplicated.
@@ -293,34 +294,51 @@ def written_rows(folder, parts):
     return str(folder), files
 
 
-def csv_input(name):
-    return InputFile(url=name, size=1, version="1")
+def listed(path) -> InputFile:
+    """An input file as the run's listing records it."""
+    return list_input_files(str(path))[0][0]
+
+
+def csv_inputs(folder, *names) -> list[InputFile]:
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        (folder / name).write_text("text\nhello\n")
+    return [listed(folder / name) for name in names]
 
 
 def test_the_audit_counts_rows_spread_over_written_files(tmp_path):
-    root, files = written_rows(tmp_path / "table", [("a.csv", [2, 0], ["ok", "empty"]),
-                                                    ("a.csv", [1], ["ok"]), ("b.csv", [0], ["null"])])
-    audit = audit_written(fsspec.filesystem("file"), root, files, [csv_input("a.csv"), csv_input("b.csv")], batch_rows=1)
-    assert audit.rows_per_file == {"a.csv": 3, "b.csv": 1} and audit.rows_written == 4
+    a, b = csv_inputs(tmp_path / "in", "a.csv", "b.csv")
+    root, files = written_rows(tmp_path / "table", [(a.url, [2, 0], ["ok", "empty"]),
+                                                    (a.url, [1], ["ok"]), (b.url, [0], ["null"])])
+    audit = audit_written(fsspec.filesystem("file"), root, files, [a, b], batch_rows=1)
+    assert audit.rows_per_file == {a.url: 3, b.url: 1} and audit.rows_written == 4 and audit.file_errors == {}
     assert audit.rows_per_status == {"ok": 2, "empty": 1, "null": 1}
     assert audit.rows_per_label == {"spam": 2, "None": 2}
 
 
 @pytest.mark.parametrize("parts, problem", [
-    ([("a.csv", [0, 1], ["ok"] * 2), ("a.csv", [1], ["ok"])], "a row is there twice"),
-    ([("a.csv", [0, 0], ["ok"] * 2)], "a row is there twice"),
-    ([("a.csv", [0, 2], ["ok"] * 2)], "1 of rows 0..2 are missing"),
-    ([("a.csv", [-1], ["ok"])], "negative source_row"),
+    ([([0, 1], ["ok"] * 2), ([1], ["ok"])], "a row is there twice"),
+    ([([0, 0], ["ok"] * 2)], "a row is there twice"),
+    ([([0, 2], ["ok"] * 2)], "1 of rows 0..2 are missing"),
+    ([([-1], ["ok"])], "negative source_row"),
 ])
 def test_the_audit_refuses_rows_lost_or_repeated(tmp_path, parts, problem):
-    root, files = written_rows(tmp_path / "table", parts)
+    a, = csv_inputs(tmp_path / "in", "a.csv")
+    root, files = written_rows(tmp_path / "table", [(a.url, *part) for part in parts])
     with pytest.raises(RuntimeError, match=problem):
-        audit_written(fsspec.filesystem("file"), root, files, [csv_input("a.csv")])
+        audit_written(fsspec.filesystem("file"), root, files, [a])
 
 
-def test_the_audit_checks_a_parquet_input_against_its_row_count(tmp_path):
-    source = tmp_path / "in.parquet"
+def test_an_input_that_changed_under_the_run_is_that_files_error_and_the_others_stand(tmp_path):
+    stable, rewritten = csv_inputs(tmp_path / "in", "stable.csv", "rewritten.csv")
+    source = tmp_path / "in" / "in.parquet"
     pq.write_table(pa.table({"text": ["a", "b", "c"]}), source)
-    root, files = written_rows(tmp_path / "table", [(str(source), [0, 1], ["ok"] * 2)])
-    with pytest.raises(RuntimeError, match="has 3 rows but 2 were scored"):
-        audit_written(fsspec.filesystem("file"), root, files, [InputFile(url=str(source), size=1, version="1")])
+    short = listed(source)
+    root, files = written_rows(tmp_path / "table", [(short.url, [0, 1], ["ok"] * 2), (stable.url, [0], ["ok"]),
+                                                    (rewritten.url, [0], ["ok"])])
+    time.sleep(0.01)
+    (tmp_path / "in" / "rewritten.csv").write_text("text\nhello\nagain\n")  # between the listing and the audit
+    audit = audit_written(fsspec.filesystem("file"), root, files, [short, stable, rewritten])
+    assert audit.rows_per_file == {stable.url: 1} and audit.rows_written == 1
+    assert "has 3 rows but 2 were scored" in audit.file_errors[short.url]
+    assert "changed while the run scored it" in audit.file_errors[rewritten.url]

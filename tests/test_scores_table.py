@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from deltalake import DeltaTable
 
 import spamray
 from conftest import SPAMRAY, spamray_process
@@ -22,8 +23,9 @@ from spamray.cli import main
 from spamray.config import ScoreConfig
 from spamray.inputs import InputFile, read_chunks
 from spamray.score import score
-from spamray.scores_table import (CommitPlan, RunOutput, ScoredInput, ScoresTable, TableState, WrittenFile,
-                                  plan_commit, write_data_files)
+from spamray.scores_table import (CommitPlan, RunOutput, ScoredInput, ScoresTable, TableState, WrittenFile, input_key,
+                                  plan_commit, scoring_digest)
+from spamray.table_files import write_data_files
 
 
 def put_bytes(place, name, data: bytes) -> str:
@@ -60,9 +62,11 @@ def commit_log(table_url, version):
 
 
 def table_files(table_url):
-    """Data files in the table folder, with their sizes."""
+    """Data files in the table folder (paths relative to it), with their sizes."""
     table = ScoresTable(table_url)
-    return {p.rsplit("/", 1)[-1]: table.fs.size(p) for p in table.fs.glob(f"{table.path}/*.parquet")}
+    found = table.fs.find(table.path, detail=True)
+    return {p[len(table.path) + 1:]: info["size"] for p, info in found.items()
+            if p.endswith(".parquet") and "/_delta_log/" not in p}
 
 
 def live_files(table_url):
@@ -76,17 +80,17 @@ def test_an_incremental_night_writes_only_the_new_file(ray_local, model_url, sms
     out = place.join("scores")
     cfg = ScoreConfig(model=model_url, input=place.join("archive"), output=out, incremental=True)
     first = score(cfg)
-    assert first["files_scored"] == 50 and first["rows_written"] == 500
+    assert first.files_scored == 50 and first.rows_written == 500
     before = table_files(out)
     write_parquet(place, "archive/day-50.parquet", sms_messages[500:512])
     second = score(cfg)
-    adds, removes = commit_log(out, second["table_version"])
-    assert second["files_scored"] == 1 and second["rows_written"] == 12 and removes == []
+    adds, removes = commit_log(out, second.table_version)
+    assert second.files_scored == 1 and second.rows_written == 12 and removes == []
     assert {json.loads(a["stats"])["numRecords"] for a in adds} == {12}
-    assert {a["partitionValues"]["source_file"] for a in adds} == {place.join("archive/day-50.parquet")}
+    assert {a["partitionValues"]["input_key"] for a in adds} == {input_key(place.join("archive/day-50.parquet"))}
     after = table_files(out)
     assert {name: after[name] for name in before} == before  # nothing earlier copied, rewritten or removed
-    assert second["bytes_written"] == sum(a["size"] for a in adds) == sum(after[n] for n in set(after) - set(before))
+    assert second.bytes_written == sum(a["size"] for a in adds) == sum(after[n] for n in set(after) - set(before))
     assert_every_row_once(out, {place.join(f"archive/day-{d:02d}.parquet"): 10 for d in range(50)}
                           | {place.join("archive/day-50.parquet"): 12})
 
@@ -98,16 +102,16 @@ def test_a_changed_file_swaps_its_rows_in_one_version(ray_local, model_url, sms_
     cfg = ScoreConfig(model=model_url, input=place.join("archive"), output=out, incremental=True)
     first = score(cfg)
     earlier = read_frame(out).sort_values(["source_file", "source_row"]).reset_index(drop=True)
-    old_b_files = ScoresTable(out).read_state().inputs[b].files
+    old_b_files = ScoresTable(out).read_state().inputs[input_key(b)].files
     time.sleep(1.1)  # a new modification time on local disk, a new etag on S3
     write_parquet(place, "archive/b.parquet", sms_messages[100:105])
     second = score(cfg)
-    assert second["files_scored"] == 1 and second["table_version"] == first["table_version"] + 1
-    adds, removes = commit_log(out, second["table_version"])  # old rows out, new rows in: one commit
-    assert {r["path"] for r in removes} == set(old_b_files) and {a["partitionValues"]["source_file"] for a in adds} == {b}
+    assert second.files_scored == 1 and second.table_version == first.table_version + 1
+    adds, removes = commit_log(out, second.table_version)  # old rows out, new rows in: one commit
+    assert {r["path"] for r in removes} == set(old_b_files) and {a["partitionValues"]["input_key"] for a in adds} == {input_key(b)}
     assert_every_row_once(out, {a: 30, b: 5})
-    assert read_frame(out).query("source_file == @b")["run_id"].unique().tolist() == [second["run_id"]]
-    then = read_frame(out, version=first["table_version"]).sort_values(["source_file", "source_row"]).reset_index(drop=True)
+    assert read_frame(out).query("source_file == @b")["run_id"].unique().tolist() == [second.run_id]
+    then = read_frame(out, version=first.table_version).sort_values(["source_file", "source_row"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(then, earlier)  # the version before still reads as it was
 
 
@@ -167,7 +171,12 @@ def test_a_killed_run_leaves_the_table_as_it_was(ray_local, model_url, sms_messa
     rerun = spamray_score([*args, "--retention-hours", "0"])
     assert rerun.wait(timeout=300) == 0, rerun.stderr.read()[-2000:]
     assert_every_row_once(out, {first_day: 40, **new_days})
-    assert table_files(out).keys() == live_files(out)  # the cleanup took the killed run's files
+    # The killed run's files are named by no version (a run never deletes another run's files):
+    # Delta's own full vacuum takes them, and the table reads as before.
+    assert live_files(out) <= table_files(out).keys()
+    DeltaTable(ScoresTable(out).url).vacuum(retention_hours=0, dry_run=False, enforce_retention_duration=False, full=True)
+    assert table_files(out).keys() == live_files(out)
+    assert_every_row_once(out, {first_day: 40, **new_days})
 
 
 def test_overlapping_runs_commit_every_row_once(ray_local, model_url, sms_messages, place):
@@ -180,7 +189,7 @@ def test_overlapping_runs_commit_every_row_once(ray_local, model_url, sms_messag
     assert [code for code, _ in results] == [0, 0], [err[-2000:] for _, err in results]
     assert_every_row_once(out, {first_day: 20, **new_days})
     state = ScoresTable(out).read_state()
-    assert len({state.inputs[url].run_id for url in new_days}) == 1  # one run's rows per input, never a mix
+    assert len({state.inputs[input_key(url)].run_id for url in new_days}) == 1  # one run's rows per input, never a mix
     assert live_files(out) <= set(table_files(out))  # neither run deleted a file the table names
 
 
@@ -194,14 +203,15 @@ def test_a_file_that_breaks_part_way_ends_in_a_read_error_that_the_writer_keeps_
     rows = pa.concat_tables([chunks[0].slice(0, 5), chunks[-1]]).append_column("n_tokens", pa.array([1] * 6, pa.int32()))
     schema = pa.schema([("source_row", pa.int64()), ("status", pa.string()), ("n_tokens", pa.int32())])
     (tmp_path / "table").mkdir()
-    written = write_data_files(rows, str(tmp_path / "table"), "run-1", schema).to_pylist()
+    inputs = {str(broken): InputFile(str(broken), broken.stat().st_size, "v1")}
+    written = write_data_files(rows, str(tmp_path / "table"), "run-1", "m1", schema, inputs).to_pylist()
     assert [(w["rows"], w["file_error"] is None) for w in written] == [(0, False), (5, True)]
-    assert pq.read_table(tmp_path / "table" / written[1]["path"]).column_names == schema.names
+    assert pq.read_table(tmp_path / "table" / written[1]["path"]).column_names[:3] == schema.names
 
 
 # -- the commit plan, without Ray ----------------------------------------------------------------
 def scored(run_id, *files, size=1, version="v1", model="m1"):
-    return ScoredInput(size, version, model, run_id, rows=1, files={f: 10 for f in files})
+    return ScoredInput(scoring_digest(size, version, model), run_id, rows=1, files={f: 10 for f in files})
 
 
 def run_output(mode, *urls, failed=()):
@@ -211,8 +221,8 @@ def run_output(mode, *urls, failed=()):
 
 
 def test_the_commit_plan_replaces_each_input_whole_and_drops_what_another_run_did():
-    state = TableState(version=3, inputs={"a": scored("run-a", "a1", "a2"), "b": scored("run-a", "b1"),
-                                          "c": scored("run-x", "c1", version="v2")})  # c: another run, same version
+    state = TableState(version=3, inputs={input_key("a"): scored("run-a", "a1", "a2"), input_key("b"): scored("run-a", "b1"),
+                                          input_key("c"): scored("run-x", "c1", version="v2")})  # c: same version, other run
     plan = plan_commit(state, run_output("incremental", "a", "c", "d"))
     assert plan == CommitPlan(adds=["a", "d"], removes={"a1": 10, "a2": 10}, already_scored=["c"])
     overwrite = plan_commit(state, run_output("overwrite", "a", failed=["b"]))  # a failed input keeps its rows
@@ -247,7 +257,7 @@ def test_broken_empty_compressed_and_foreign_files_never_wedge_the_night(ray_loc
     expected = {good: 25, gz: 15, empty: 0, header_only: 0}
     assert_every_row_once(out, expected)
     record = ScoresTable(out).read_state().inputs
-    assert set(record) == set(expected) and record[empty].rows == 0  # empty inputs are recorded as scored
+    assert set(record) == {input_key(url) for url in expected} and record[input_key(empty)].rows == 0  # empty inputs: scored
 
     assert main(args) == 1  # the failed files are tried again (and fail again); nothing else is rescored
     printed = capsys.readouterr().out
@@ -293,7 +303,8 @@ import sys
 from spamray.scores_table import ScoresTable
 table = ScoresTable(sys.argv[1])
 assert table.read().num_rows == int(sys.argv[2]) and table.read_state().version >= 1
-table.vacuum(168)
+table.vacuum_removed(168)
+table.vacuum_unnamed(168)
 print("ok")
 """
 

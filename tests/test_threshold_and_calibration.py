@@ -92,16 +92,16 @@ def test_scoring_labels_by_the_operating_point_or_a_given_threshold(ray_local, t
     out = str(tmp_path / "scores")
     summary = score(ScoreConfig(model=model, input=str(archive), output=out, batch_size=64))
     frame = ScoresTable(out).read().to_pandas()
-    assert summary["threshold"] == classifier.operating_point.threshold
+    assert summary.threshold == classifier.operating_point.threshold
     assert ((frame["p_spam"] >= classifier.operating_point.threshold) == (frame["label"] == "spam")).all()
     assert set(frame["model_version"]) == {classifier.version}
 
     # A threshold given for one run: its own labels, recorded, and another scoring of the file.
     again = score(ScoreConfig(model=model, input=str(archive), output=out, batch_size=64, threshold=0.5, incremental=True))
     latest = ScoresTable(out).read().to_pandas()
-    assert again["files_scored"] == 1 and set(latest["model_version"]) == {f"{classifier.version}-t0.5"}
+    assert again.files_scored == 1 and set(latest["model_version"]) == {f"{classifier.version}-t0.5"}
     assert ((latest["p_spam"] >= 0.5) == (latest["label"] == "spam")).all()
-    assert summary_threshold_in_log(out, again["table_version"]) == 0.5
+    assert summary_threshold_in_log(out, again.table_version) == 0.5
 
 
 def summary_threshold_in_log(table_url: str, version: int) -> float:

@@ -168,15 +168,9 @@ def check_inputs(files: list[InputFile], text_column: str, carried: list[str],
 
 
 def widest(kinds: list[pa.DataType]) -> pa.DataType:
-    """The type all of `kinds` widen to without loss, or the most common one where there is none
-    (the files of other types are then each that file's error)."""
-    result = pa.null()
-    for kind in kinds:
-        if widens_to(result, kind):
-            result = kind
-        elif not widens_to(kind, result):
-            return max(set(kinds), key=kinds.count)
-    return result
+    """The type that the most of `kinds` widen to without loss (the files of other types are each
+    that file's error); null where all are null."""
+    return max(kinds, key=lambda target: sum(widens_to(kind, target) for kind in kinds), default=pa.null())
 
 
 def widens_to(kind: pa.DataType, target: pa.DataType) -> bool:

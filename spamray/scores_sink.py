@@ -72,12 +72,14 @@ class ScoresSink(Datasink):
 
     # -- in the writer tasks --------------------------------------------------------------------
     def write(self, blocks: Iterable[Block], ctx) -> list[dict]:
-        written = []
-        for block in blocks:
-            rows = write_data_files(block, self.table.url, self.run_id, self.model_version, self.data_schema, self.inputs)
-            written += rows.to_pylist()
+        """The task's rows, in files of at most `rows_per_write` rows of one input file each."""
+        rows, written = pa.concat_tables([pa.table(block) for block in blocks]), []
+        for start in range(0, rows.num_rows, self.rows_per_write):
+            files = write_data_files(rows.slice(start, self.rows_per_write), self.table.url, self.run_id,
+                                     self.model_version, self.data_schema, self.inputs)
+            written += files.to_pylist()
             if self.rows_written is not None:
-                self.rows_written.add.remote(sum(rows["rows"].to_pylist()))
+                self.rows_written.add.remote(sum(files["rows"].to_pylist()))
         return written
 
     # -- on the driver --------------------------------------------------------------------------

@@ -291,10 +291,12 @@ class ScoresTable:
                 logger.info(f"another run committed version {newer.version} of {self.url} first; planning the commit again")
                 state = newer
                 continue
-            except Exception as error:  # a lost connection, a killed store: did it land?
+            except Exception as error:  # a lost connection, a store that failed: did it land?
                 landed = self._find_commit_or_unknown(output.run_id, state.version, error)
-                if landed is None:
-                    raise
+                if landed is None:  # not yet; a request still under way could land later
+                    raise CommitUnknown(f"the commit to {self.url} failed ({error}) and is not in the log; this run's "
+                                        "files are kept (a request still under way could land), and `spamray vacuum` "
+                                        "deletes them if it never does") from error
                 return CommitResult(landed, plan, attempt)
             return CommitResult(self.confirm_commit(output.run_id, state.version + 1), plan, attempt)
         raise RuntimeError(f"{self.url}: other commits came first {COMMIT_ATTEMPTS} times in a row; nothing was "

@@ -129,7 +129,7 @@ def test_a_worker_node_lost_mid_scoring_leaves_every_row_once(two_worker_cluster
     run = subprocess.Popen(command, env=driver_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     table = ScoresTable(out)
     deadline = time.time() + 120
-    while time.time() < deadline and run.poll() is None and not table.fs.glob(f"{table.path}/part-*.parquet"):
+    while time.time() < deadline and run.poll() is None and not table.fs.glob(f"{table.path}/input_key=*/scoring=*/part-*.parquet"):
         time.sleep(0.2)
     assert run.poll() is None, "the run ended before any batch was written"
     cluster.remove_node(workers[1])

@@ -19,7 +19,7 @@ from spamray.config import ScoreConfig
 from spamray.inputs import InputFile, list_input_files
 from spamray.score import Scorer, resolve_precision, score, tokenize_batch
 from spamray.scores_audit import audit_written
-from spamray.scores_table import ScoresTable, WrittenFile
+from spamray.scores_table import ScoresTable, WrittenFile, input_key, scoring_digest
 from conftest import SPAMRAY, spamray_process
 
 
@@ -52,7 +52,8 @@ def unreferenced_files(url):
     """Data files in the table folder that its latest version does not name."""
     table = ScoresTable(url)
     live = {path for scored in table.read_state().inputs.values() for path in scored.files}
-    return [p for p in table.fs.glob(f"{table.path}/*.parquet") if p.rsplit("/", 1)[-1] not in live]
+    files = table.fs.glob(f"{table.path}/input_key=*/scoring=*/*.parquet")
+    return [p for p in files if p[len(table.path) + 1:] not in live]
 
 
 def test_pipeline_equals_the_in_process_classifier_row_by_row(ray_local, model_url, mixed_archive, place):
@@ -207,7 +208,7 @@ def test_output_streams_out_in_files_of_bounded_size(ray_local, model_url, sms_m
     pq.write_table(pa.table({"text": sms_messages[:2000]}), archive / "one.parquet")
     out = tmp_path / "scores"
     score(ScoreConfig(model=model_url, input=str(archive), output=str(out), batch_size=200))
-    files = list(out.glob("*.parquet"))
+    files = list(out.glob("input_key=*/scoring=*/*.parquet"))
     assert len(files) >= 5 and max(pq.ParquetFile(f).metadata.num_rows for f in files) <= 1000
     assert sorted(read_output(str(out))["source_row"]) == list(range(2000))
 
@@ -235,7 +236,7 @@ def test_incremental_runs_score_only_new_or_changed_files(ray_local, model_url, 
     pq.write_table(pa.table({"text": sms_messages[:100]}), archive / "day-1.parquet")
     pq.write_table(pa.table({"text": sms_messages[100:150]}), archive / "day-2.parquet")
     cfg = ScoreConfig(model=model_url, input=str(archive), output=out, incremental=True)
-    assert score(cfg)["rows_written"] == 150
+    assert score(cfg).rows_written == 150
     again = score(cfg)
     assert again.files_scored == 0 and again.rows_written == 0
     pq.write_table(pa.table({"text": sms_messages[150:180]}), archive / "day-3.parquet")
@@ -246,13 +247,15 @@ def test_incremental_runs_score_only_new_or_changed_files(ray_local, model_url, 
     # A file rewritten in place: its old rows are replaced, not duplicated.
     time.sleep(0.01)
     pq.write_table(pa.table({"text": sms_messages[200:260]}), archive / "day-2.parquet")
-    assert score(cfg)["rows_written"] == 60
+    assert score(cfg).rows_written == 60
     frame = read_output(out)
     assert len(frame) == 100 + 60 + 30
     assert (frame["source_file"] == str(archive / "day-2.parquet")).sum() == 60
     record = ScoresTable(out).read_state().inputs  # the log's own record of what is scored
     assert {scored.rows for scored in record.values()} == {100, 60, 30}
-    assert record[str(archive / "day-2.parquet")].size == (archive / "day-2.parquet").stat().st_size
+    day_2 = listed(archive / "day-2.parquet")
+    assert record[input_key(day_2.url)].digest == scoring_digest(day_2.size, day_2.version, TextClassifier.load(model_url).version)
+    assert set(frame.query("source_file == @day_2.url")["source_size"]) == {day_2.size}
 
 
 def test_a_second_full_run_needs_overwrite(ray_local, model_url, sms_messages, tmp_path):

@@ -219,3 +219,22 @@ def test_carried_columns_widen_across_files_and_a_file_that_cannot_be_stored_fai
     assert DeltaTable(out).protocol().min_writer_version == 2  # no timestamp_ntz: older readers open it
     assert set(rows["at"].to_pylist()) == {pd.Timestamp("2026-12-01 10:00:00.123456", tz="UTC").to_pydatetime()}
     assert input_key(str(archive / "d.parquet")) not in ScoresTable(out).read_state().inputs
+
+
+def test_a_file_gone_before_the_commit_fails_the_run_and_nothing_is_committed(
+        ray_local, model_url, sms_messages, tmp_path, monkeypatch):
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    pq.write_table(pa.table({"text": sms_messages[:30]}), archive / "a.parquet")
+    out = str(tmp_path / "scores")
+    real_check = ScoresTable.check_files_exist
+
+    def vacuumed_first(self, output, plan):
+        # A full vacuum run by hand at too short a retention, while this run was scoring.
+        self.delete([file.path for files in output.files.values() for file in files])
+        real_check(self, output, plan)
+
+    monkeypatch.setattr(ScoresTable, "check_files_exist", vacuumed_first)
+    with pytest.raises(RuntimeError, match="is gone or changed before the commit"):
+        score(ScoreConfig(model=model_url, input=str(archive), output=out))
+    assert ScoresTable(out).read_state().inputs == {} and ScoresTable(out).read().num_rows == 0

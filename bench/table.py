@@ -101,25 +101,27 @@ def main() -> None:
         s3.put(archive + "/", "bench/archive/", recursive=True)
         common = ["--model", model, "--incremental", "--cpus-per-replica", "2"]
         print(f"{args.files} files x {args.rows:,} rows, then one more; gpt2-tiny; fresh `spamray score` processes")
-        print(f"{'where':<6} {'run':<18} {'seconds':>8} {'rows/s':>9} {'rows':>9} {'bytes written':>14} {'files +/-':>10}")
-        for where, root, fs in (("local", work, fsspec.filesystem("file")), ("s3", "s3://bench", s3)):
-            source, out = f"{root}/archive", f"{root}/scores"
-            full, full_s = spamray_score(["--input", source, "--output", out, *common])
-            before = data_files(fs, out)
-            if where == "local":
-                os.rename(held_back, new_file)
-            else:
-                s3.put_file(new_file, "bench/archive/" + os.path.basename(new_file))
-            night, night_s = spamray_score(["--input", source, "--output", out, *common])
-            after = data_files(fs, out)
-            untouched = all(after.get(path) == size for path, size in before.items())
-            for name, summary, seconds in (("first, full", full, full_s), ("next night, +1", night, night_s)):
-                print(f"{where:<6} {name:<18} {seconds:>8.1f} {summary['rows_written'] / seconds:>9,.0f} "
-                      f"{summary['rows_written']:>9,} {summary['bytes_written']:>14,} "
-                      f"{summary['data_files_added']:>5}/{summary['data_files_removed']:<4}")
-            print(f"{where:<6} earlier data files untouched by the incremental run: {untouched}")
+        print(f"{'code':<9} {'where':<6} {'run':<18} {'seconds':>8} {'rows/s':>9} {'rows':>9} {'bytes written':>14} "
+              f"{'files +/-':>10}")
+        places = (("local", work, fsspec.filesystem("file")), ("s3", "s3://bench", s3))
+        checkouts = [("this", None)] + ([("baseline", args.baseline_checkout)] if args.baseline_checkout else [])
+        for code, pythonpath in checkouts:
+            for where, root, fs in places:
+                source, out = f"{root}/archive", f"{root}/scores-{code}"
+                full, full_s = spamray_score(["--input", source, "--output", out, *common], pythonpath)
+                before = data_files(fs, out)
+                fs.put_file(held_back, new_file if where == "local" else f"bench/archive/{os.path.basename(new_file)}")
+                night, night_s = spamray_score(["--input", source, "--output", out, *common], pythonpath)
+                fs.rm(new_file if where == "local" else f"bench/archive/{os.path.basename(new_file)}")
+                after = data_files(fs, out)
+                untouched = all(after.get(path) == size for path, size in before.items())
+                for name, summary, seconds in (("first, full", full, full_s), ("next night, +1", night, night_s)):
+                    print(f"{code:<9} {where:<6} {name:<18} {seconds:>8.1f} {summary['rows_written'] / seconds:>9,.0f} "
+                          f"{summary['rows_written']:>9,} {summary['bytes_written']:>14,} "
+                          f"{summary['data_files_added']:>5}/{summary['data_files_removed']:<4}")
+                print(f"{code:<9} {where:<6} earlier data files untouched by the incremental run: {untouched}")
         if args.baseline_checkout:
-            rows = args.files * args.rows + args.rows
+            rows = args.files * args.rows
             for round_ in (1, 2):  # in turn, so that the machine's drift falls on both
                 _, new_s = spamray_score(["--input", f"{work}/archive", "--output", f"{work}/scores-new-{round_}",
                                           "--model", model, "--cpus-per-replica", "2"])

@@ -20,6 +20,7 @@ import pandas as pd
 
 from . import storage
 from .config import PrepareConfig
+from .errors import SpamrayError
 
 UCI_ZIP_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 
@@ -55,7 +56,7 @@ def download_uci_collection(url: str = UCI_ZIP_URL) -> pd.DataFrame:
         archive = zipfile.ZipFile(io.BytesIO(storage.read_bytes(url)))
         data = archive.read("SMSSpamCollection")
     except Exception as error:
-        raise RuntimeError(f"could not download the SMS Spam Collection from {url} ({error}); "
+        raise SpamrayError(f"could not download the SMS Spam Collection from {url} ({error}); "
                            "use --input sms for the copy shipped with spamray") from error
     if hashlib.sha256(data).hexdigest() != SMS_SHA256:
         raise ValueError(f"SMSSpamCollection from {url} does not have the expected sha256 {SMS_SHA256}")

@@ -17,6 +17,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
 from . import __version__, storage
+from .errors import SpamrayError
 from .tokenizer import tokenizer_identity
 
 FORMAT = "spamray-classifier"
@@ -25,7 +26,7 @@ METADATA_FILE = "spamray.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-class SavedClassifierError(ValueError):
+class SavedClassifierError(SpamrayError, ValueError):
     """A saved-classifier folder that cannot be used, and why."""
 
 

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from . import saved, storage
 from .config import PRECISIONS, ScoreConfig
+from .errors import SpamrayError
 from .driver_actors import BatchStarts, RowsWritten, start_beside_driver
 from .classifier import probability_column
 from .inputs import InputFile, check_inputs, list_input_files, read_chunks
@@ -262,7 +263,7 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     return summary
 
 
-class ScoringFailed(RuntimeError):
+class ScoringFailed(SpamrayError, RuntimeError):
     """The Ray Data pipeline failed as a whole; nothing of the run is committed."""
 
 

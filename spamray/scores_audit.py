@@ -10,8 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
+from .errors import SpamrayError
 from .inputs import InputFile, input_version
 from .scores_table import WrittenFile
+
+
+class AuditFailed(SpamrayError, RuntimeError):
+    """The written rows of an input are not its rows exactly once: nothing of the run is committed."""
 
 
 @dataclass
@@ -93,13 +98,13 @@ class RowTally:
 
     def add(self, rows: np.ndarray) -> None:
         if len(rows) and rows.min() < 0:
-            raise RuntimeError(f"rows of {self.source} have a negative source_row; nothing was committed")
+            raise AuditFailed(f"rows of {self.source} have a negative source_row; nothing was committed")
         if len(rows) and rows.max() >= len(self.seen):
             grown = np.zeros(max(int(rows.max()) + 1, 2 * len(self.seen)), dtype=np.uint8)
             grown[:len(self.seen)] = self.seen
             self.seen = grown
         if len(np.unique(rows)) != len(rows) or self.seen[rows].any():
-            raise RuntimeError(f"rows of {self.source} did not come through exactly once (a row is there twice); "
+            raise AuditFailed(f"rows of {self.source} did not come through exactly once (a row is there twice); "
                                "nothing was committed")
         self.seen[rows] = 1
 
@@ -108,7 +113,7 @@ class RowTally:
         count = int(self.seen.sum())
         last = int(np.flatnonzero(self.seen)[-1]) + 1 if count else 0
         if count != last:
-            raise RuntimeError(f"rows of {self.source} did not come through exactly once ({last - count} of rows "
+            raise AuditFailed(f"rows of {self.source} did not come through exactly once ({last - count} of rows "
                                f"0..{last - 1} are missing); nothing was committed")
         return count
 

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
+from .errors import SpamrayError
 from .inputs import InputFile
 
 logger = logging.getLogger(__name__)
@@ -173,7 +174,11 @@ def is_scored(state: TableState, file: InputFile, model_version: str) -> bool:
     return scored is not None and scored.digest == scoring_digest(file.size, file.version, model_version)
 
 
-class CommitUnknown(RuntimeError):
+class TableError(SpamrayError, RuntimeError):
+    """The table, or a commit to it, is not as it must be; nothing of the run is committed."""
+
+
+class CommitUnknown(TableError):
     """A commit whose outcome could not be read back: nothing of it may be deleted."""
 
 
@@ -202,7 +207,7 @@ class ScoresTable:
             digest, run_id = scoring.split("-", 1)
             scored = state.inputs.setdefault(key, ScoredInput(digest, run_id))
             if scored.scoring != scoring:
-                raise RuntimeError(f"{self.url} holds two scorings of one input (folder input_key={key}: "
+                raise TableError(f"{self.url} holds two scorings of one input (folder input_key={key}: "
                                    f"{scored.scoring} and {scoring}); the table was changed outside spamray: remove "
                                    "one of them before scoring")
             scored.rows += file["num_records"] or 0
@@ -287,7 +292,7 @@ class ScoresTable:
                     return CommitResult(landed, plan, attempt)
                 newer = self.read_state()
                 if newer.version == state.version:
-                    raise RuntimeError(f"the commit to {self.url} failed: {error}; nothing was committed") from error
+                    raise TableError(f"the commit to {self.url} failed: {error}; nothing was committed") from error
                 logger.info(f"another run committed version {newer.version} of {self.url} first; planning the commit again")
                 state = newer
                 continue
@@ -299,7 +304,7 @@ class ScoresTable:
                                         "deletes them if it never does") from error
                 return CommitResult(landed, plan, attempt)
             return CommitResult(self.confirm_commit(output.run_id, state.version + 1), plan, attempt)
-        raise RuntimeError(f"{self.url}: other commits came first {COMMIT_ATTEMPTS} times in a row; nothing was "
+        raise TableError(f"{self.url}: other commits came first {COMMIT_ATTEMPTS} times in a row; nothing was "
                            "committed (are many runs writing this table at once?)")
 
     def _commit_once(self, state: TableState, output: RunOutput, plan: CommitPlan, schema: pa.Schema,
@@ -332,7 +337,7 @@ class ScoresTable:
                 except FileNotFoundError:
                     size = None
                 if size != file.bytes:
-                    raise RuntimeError(f"{self.url}/{file.path}, written by this run for {url}, is gone or changed "
+                    raise TableError(f"{self.url}/{file.path}, written by this run for {url}, is gone or changed "
                                        "before the commit (a vacuum with a retention shorter than this run?); nothing "
                                        "was committed")
 

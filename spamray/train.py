@@ -28,6 +28,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from safetensors.torch import load_file, save_file
 
 from . import storage
+from .errors import SpamrayError
 from .calibrate import calibrate
 from .classifier import TextClassifier
 from .config import TrainConfig
@@ -91,7 +92,7 @@ def estimate(model, batches, device) -> tuple[float, float]:
     return float(np.mean(losses)) if losses else float("nan"), correct / max(seen, 1)
 
 
-class DataStalled(RuntimeError):
+class DataStalled(SpamrayError, RuntimeError):
     """No batch arrived in time: the data pipeline feeding a worker has stalled."""
 
 

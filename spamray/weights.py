@@ -20,6 +20,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file
 
 from . import storage
+from .errors import SpamrayError
 from .model import GPTConfig, GPTModel, preset_config
 
 
@@ -50,7 +51,14 @@ CHECKPOINT_FILES = ("config.json", "model.safetensors")
 _NOT_WEIGHTS = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
 
 
-class WeightsDownloadError(RuntimeError):
+class CheckpointMismatch(SpamrayError, KeyError):
+    """A checkpoint whose tensors are not GPT-2's."""
+
+    def __str__(self) -> str:  # a KeyError's text is its argument's repr: show the message itself
+        return str(self.args[0]) if self.args else ""
+
+
+class WeightsDownloadError(SpamrayError, RuntimeError):
     """A published checkpoint that could not be downloaded or did not verify, and what to do."""
 
 
@@ -198,14 +206,14 @@ def convert_hf_state_dict(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[s
     converted = {}
     for ours, (theirs, transpose) in _name_map(cfg).items():
         if theirs not in weights:
-            raise KeyError(f"checkpoint is missing tensor {theirs!r} (needed for {ours})")
+            raise CheckpointMismatch(f"checkpoint is missing tensor {theirs!r} (needed for {ours})")
         tensor = weights.pop(theirs)
         tensor = tensor.t() if transpose else tensor
         if tuple(tensor.shape) != expected[ours]:
             raise ValueError(f"tensor {theirs!r} has shape {tuple(tensor.shape)}, expected {expected[ours]} for {ours}")
         converted[ours] = tensor.to(torch.float32).contiguous()
     if weights:
-        raise KeyError(f"checkpoint has tensors GPT-2 does not use: {sorted(weights)[:5]}")
+        raise CheckpointMismatch(f"checkpoint has tensors GPT-2 does not use: {sorted(weights)[:5]}")
     converted["out_head.weight"] = converted["tok_emb.weight"]
     return converted
 

@@ -24,3 +24,21 @@ def test_list_options_take_several_values_and_optional_ones_their_type():
                                       "--keep", "sender", "received_at", "--batch-size", "64"])
     cfg = config_from_args(ScoreConfig, args)
     assert cfg.keep == ["sender", "received_at"] and cfg.batch_size == 64 and cfg.retention_hours == 168.0
+
+
+def test_spamray_errors_print_one_line_and_anything_else_its_traceback(monkeypatch, capsys):
+    import spamray.cli
+    from spamray.errors import SpamrayError
+
+    def fails_with(error):
+        def run(cfg):
+            raise error
+        return run
+
+    monkeypatch.setitem(spamray.cli.VERBS, "classify", (spamray.cli.VERBS["classify"][0], fails_with(SpamrayError("the model is gone; train it again")), ""))
+    assert main(["classify", "m", "hi"]) == 1
+    assert capsys.readouterr().err == "spamray classify: error: the model is gone; train it again\n"
+    for bug in (RuntimeError("CUDA out of memory"), KeyError("logits"), TypeError("unsupported operand")):
+        monkeypatch.setitem(spamray.cli.VERBS, "classify", (spamray.cli.VERBS["classify"][0], fails_with(bug), ""))
+        with pytest.raises(type(bug)):  # not caught: Python prints the traceback and exits 1
+            main(["classify", "m", "hi"])

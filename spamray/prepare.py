@@ -224,6 +224,17 @@ def split_url(data: str, split_name: str) -> str:
     return storage.join(data, f"{split_name}.parquet")
 
 
+def prepared_digest(data: str) -> str:
+    """What a prepared folder holds, as one digest: labels.json and every split's file. Prepared
+    again into the same folder (another input, label order or seed), it is another dataset."""
+    digest = hashlib.sha256()
+    for name in (LABELS_FILE, *(f"{split}.parquet" for split in SPLITS + HELDOUT_SPLITS)):
+        url = storage.join(data, name)
+        if storage.exists(url):
+            digest.update(f"{name}\n".encode() + hashlib.sha256(storage.read_bytes(url)).digest())
+    return digest.hexdigest()
+
+
 def has_split(data: str, split_name: str) -> bool:
     """Whether a prepared folder has this split (the held-out ones: only when balancing left rows
     out, and only in folders prepared by this spamray or later)."""

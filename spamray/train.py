@@ -37,7 +37,7 @@ from .evaluate import accuracy_by_split
 from .model import count_parameters
 from .plots import plot_history
 from .progress import Progress
-from .prepare import read_prepared_labels, split_url
+from .prepare import prepared_digest, read_prepared_labels, split_url
 from .tokenizer import get_tokenizer
 from .weights import load_gpt2
 
@@ -275,12 +275,13 @@ def showing_progress(board, progress: Progress, epochs: int, every_s: float = 0.
         progress.close()
 
 
-def default_run_name(cfg: TrainConfig) -> str:
-    """The same training settings give the same name, so starting them again resumes the same
-    run (where the classifier and checkpoints go, and how failures are handled, are not training
-    settings)."""
+def default_run_name(cfg: TrainConfig, data_digest: str) -> str:
+    """The same training settings on the same data give the same name, so starting them again
+    resumes the same run (where the classifier and checkpoints go, and how failures are handled,
+    are not training settings). The data counts by content (`prepared_digest`), not by path: a
+    folder prepared again is a new run, never an earlier run's result handed back."""
     ignored = ("output", "overwrite", "storage_path", "shared_storage", "run_name", "max_failures", "data_timeout_s")
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ignored}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ignored} | {"data": data_digest}
     return "spamray-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -319,7 +320,7 @@ def train(cfg: TrainConfig) -> dict:
     del probe
 
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    run_name = cfg.run_name or default_run_name(cfg)
+    run_name = cfg.run_name or default_run_name(cfg, prepared_digest(cfg.data))
     storage_path = cfg.storage_path or str(Path.home() / "ray_results")
     check_storage_path(cfg.storage_path, sum(node["Alive"] for node in ray.nodes()), cfg.shared_storage)
     # Materialized, the small splits need no CPU of their own while the workers hold every core.

@@ -151,3 +151,22 @@ def test_the_training_batches_come_without_deprecated_calls(ray_local, prepared_
     ids, lengths, labels = next(iter(rows.iter_torch_batches(batch_size=4, collate_fn=TokenizeAndPad(96, None))))
     assert ids.shape == (4, int(lengths.max())) and labels.dtype == torch.long and set(labels.tolist()) <= {0, 1}
     assert (ids[0, lengths[0]:] == spamray.tokenizer.PAD_ID).all()
+
+
+def test_data_prepared_again_into_the_same_folder_is_a_new_run_not_the_earlier_result(ray_local, tmp_path):
+    from spamray.config import PrepareConfig
+    from spamray.prepare import prepare, read_prepared_labels
+
+    data = str(tmp_path / "data")
+    prepare(PrepareConfig(output=data))
+    settings = dict(num_workers=1, cpus_per_worker=2, batch_size=32, eval_freq=100)
+    first = train(tiny_config(tmp_path, data, output=str(tmp_path / "first"), target_fpr=None, **settings))
+    prepare(PrepareConfig(output=data, labels="spam,ham", overwrite=True))  # the same folder, the other label order
+    labels = read_prepared_labels(data)
+    assert labels != TextClassifier.load(str(tmp_path / "first")).labels
+    # No operating point: with 'spam' first it would be chosen for label id 1 (issue 18's positive label).
+    second = train(tiny_config(tmp_path, data, output=str(tmp_path / "second"), target_fpr=None, **settings))
+    assert second["settings"]["run_name"] != first["settings"]["run_name"]
+    assert second["training"]["resumed_from_epoch"] == 0  # it trained, from the start
+    assert second["training"]["global_step"] == first["training"]["global_step"] == 1045 // 32 - 1
+    assert TextClassifier.load(str(tmp_path / "second")).labels == labels

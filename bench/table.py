@@ -60,7 +60,10 @@ def spamray_score(args: list[str], pythonpath: str | None = None) -> tuple[dict,
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", RUN_AND_REPORT, "score", *args], env=env, capture_output=True, text=True)
+    # Not in this checkout's folder: `python -c` puts the working folder first on the path, and
+    # would import the spamray there instead of the one PYTHONPATH names.
+    done = subprocess.run([sys.executable, "-c", RUN_AND_REPORT, "score", *args], env=env, capture_output=True, text=True,
+                          cwd=tempfile.gettempdir())
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])

@@ -347,7 +347,8 @@ class ScoresTable:
             lines = self.fs.cat_file(f"{self.path}/_delta_log/{version:020d}.json").decode().splitlines()
         except FileNotFoundError:
             return None
-        return next((json.loads(line)["commitInfo"] for line in lines if line.startswith('{"commitInfo"')), {})
+        actions = [json.loads(line) for line in lines if line.strip()]
+        return next((action["commitInfo"] for action in actions if "commitInfo" in action), {})
 
     def run_of(self, version: int) -> str | None:
         info = self.commit_info(version) or {}

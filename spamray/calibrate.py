@@ -15,7 +15,7 @@ import pandas as pd
 
 from .classifier import TextClassifier
 from .operating_point import OperatingPoint, calibration_report, fit_temperature, softmax, threshold_for_fpr
-from .prepare import has_split, split_url
+from .prepare import has_split, read_positive_label, split_url
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +31,24 @@ def split_logits(classifier: TextClassifier, data: str, split: str) -> tuple[np.
         classifier.train(was_training)
 
 
+def check_calibration_data(data: str, labels: list[str], target_fpr: float | None) -> None:
+    """Before a long training run: an operating point asked for can be chosen on this data (its
+    held-out split holds messages of the class the filter must not flag)."""
+    if target_fpr is None or len(labels) != 2 or not has_split(data, "heldout_tune"):
+        return
+    positive = labels.index(read_positive_label(data))
+    legitimate = int((pd.read_parquet(split_url(data, "heldout_tune"), columns=["label"])["label"] != positive).sum())
+    if legitimate == 0:
+        raise ValueError(f"{data}: heldout_tune holds no messages other than the positive class "
+                         f"{labels[positive]!r}, so no threshold can bound their false-positive rate; prepare it "
+                         "again with --positive-label naming the class to flag, or pass --target-fpr none")
+
+
 def calibrate(classifier: TextClassifier, data: str, target_fpr: float | None) -> dict:
     """Sets `classifier.temperature` and, for two labels with held-out data and a target, its
     operating point; returns what was fitted and measured."""
+    if len(classifier.labels) == 2:
+        classifier.positive = read_positive_label(data)
     logits, labels = split_logits(classifier, data, "validation")
     classifier.temperature = fit_temperature(logits, labels)
     report = {"temperature": classifier.temperature,
@@ -48,7 +63,7 @@ def calibrate(classifier: TextClassifier, data: str, target_fpr: float | None) -
         logger.warning(f"{data} has no held-out legitimate messages (prepare it again with this spamray, balancing "
                        "on): no operating point, labels go to the most probable class")
         return report
-    positive = 1  # prepare puts the positive class (spam) second
+    positive = classifier.labels.index(classifier.positive)
     tune_logits, tune_labels = split_logits(classifier, data, "heldout_tune")
     ham = softmax(tune_logits, classifier.temperature)[tune_labels != positive, positive]
     threshold = threshold_for_fpr(ham, target_fpr)

@@ -20,7 +20,7 @@ from torch import nn
 from . import saved
 from .lora import add_lora, merge_lora
 from .model import GPTConfig, GPTModel
-from .operating_point import OperatingPoint, softmax
+from .operating_point import OperatingPoint, default_positive, softmax
 from .tokenizer import get_tokenizer
 
 POOLINGS = ("last_token", "last", "mean")
@@ -72,6 +72,9 @@ class TextClassifier(nn.Module):
         self.trainable = "all"
         self.temperature = 1.0  # probabilities are softmax(logits / temperature): see calibrate()
         self.operating_point: OperatingPoint | None = None  # None: the most probable label wins
+        # The class a binary classifier flags (what a threshold applies to); the prepared data's
+        # choice once trained (spamray.prepare.positive_label).
+        self.positive: str | None = default_positive(labels)
 
     @classmethod
     def from_gpt2(cls, model: GPTModel, labels: Sequence[str], pooling: str = "last_token",
@@ -174,7 +177,7 @@ class TextClassifier(nn.Module):
             return probs.argmax(axis=1)
         if len(self.labels) != 2:
             raise ValueError(f"a threshold applies to a classifier of two labels, not {len(self.labels)}")
-        positive = self.labels.index(point.positive) if point else len(self.labels) - 1
+        positive = self.labels.index(point.positive if point else self.positive)
         threshold = point.threshold if threshold is None else threshold
         return np.where(probs[:, positive] >= threshold, positive, 1 - positive)
 
@@ -205,6 +208,7 @@ class TextClassifier(nn.Module):
             "metrics": self.metrics,
             "temperature": self.temperature,
             "operating_point": self.operating_point.to_dict() if self.operating_point else None,
+            "positive_label": self.positive,
         }
         saved.write_saved(url, metadata, self.state_dict(), overwrite=overwrite, extra_files=extra_files)
 
@@ -229,6 +233,7 @@ class TextClassifier(nn.Module):
         classifier.temperature = float(metadata.get("temperature") or 1.0)
         point = metadata.get("operating_point")
         classifier.operating_point = OperatingPoint(**point) if point else None
+        classifier.positive = metadata.get("positive_label") or (point or {}).get("positive") or classifier.positive
         classifier.version = saved.model_version(metadata)
         return classifier.eval()
 

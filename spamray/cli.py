@@ -35,6 +35,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
             continue
         if typing.get_origin(base) is list:
             options.update(nargs=meta.get("nargs", "+"), type=typing.get_args(base)[0])
+        elif optional and base in (int, float):
+            options.update(type=none_or(base), metavar=base.__name__.upper())
         else:
             options["type"] = base
         if meta.get("required"):
@@ -45,6 +47,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
             if default not in (None, [], ""):
                 options["help"] += f" (default: {default})"
         parser.add_argument(flag, dest=field.name, **options)
+
+
+def none_or(kind: type) -> Callable[[str], object]:
+    """An option's type that also takes `none` (or an empty value): the setting switched off."""
+    def parse(text: str):
+        return None if text.strip().lower() in ("", "none") else kind(text)
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
 
 
 def config_from_args(config_class: type, args: argparse.Namespace):

@@ -31,6 +31,9 @@ class PrepareConfig:
     label_column: str = option("label", "column holding the label (files with a header)")
     labels: str | None = option(None, "comma-separated label order; default: ham,spam as 'not spam','spam', "
                                 "else the labels sorted")
+    positive_label: str | None = option(None, "the class a binary classifier flags, whose false-positive rate "
+                                        "the operating point bounds on the others (default: 'spam' where it is a "
+                                        "label, else the class with fewer rows)")
     balance: str = option("undersample", "undersample each class to the smallest (the book) or none",
                           choices=["undersample", "none"])
     train_fraction: float = option(0.7, "share of rows for training")
@@ -77,7 +80,8 @@ class TrainConfig:
                                   "path to resume (default: derived from these settings)")
     max_failures: int = option(1, "worker failures to recover from (from the last checkpoint)")
     target_fpr: float | None = option(0.005, "after training, a binary classifier's threshold is chosen to flag at "
-                                      "most this share of held-out legitimate messages (see `spamray calibrate`)")
+                                      "most this share of held-out legitimate messages (see `spamray calibrate`); "
+                                      "none: no operating point, the most probable label wins")
     data_timeout_s: float = option(600.0, "a worker waiting longer than this for its next batch fails, and is "
                                    "retried from the last checkpoint: a stalled data pipeline never hangs a run")
     overwrite: bool = option(False, "replace an existing output folder")
@@ -100,7 +104,8 @@ class CalibrateConfig:
     model: str = required("saved classifier folder or URL", positional=True)
     data: str = required("prepared folder: validation fits the temperature, heldout_tune the threshold, "
                          "heldout_test measures it", positional=True)
-    target_fpr: float | None = option(0.005, "flag at most this share of legitimate messages (binary classifiers)")
+    target_fpr: float | None = option(0.005, "flag at most this share of legitimate messages (binary classifiers); "
+                                      "none: no operating point")
     output: str | None = option(None, "save the calibrated classifier here (default: replace MODEL)")
 
 

@@ -90,7 +90,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                               **calibration_report(logits, true_ids, classifier.temperature)}}
     if len(classifier.labels) == 2 and len(set(true_ids.tolist())) == 2:
         heldout = heldout_ham_scores(classifier, cfg.data) if prepared and has_split(cfg.data, "heldout_test") else None
-        report["binary"] = binary_report(classifier, probs[:, 1], true_ids, heldout)
+        positive = classifier.labels.index(classifier.positive)
+        report["binary"] = binary_report(classifier, probs[:, positive], (true_ids == positive).astype("int64"), heldout)
         if cfg.output:
             write_curves(report, cfg.output)
     return report
@@ -98,7 +99,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
 def binary_report(classifier: TextClassifier, scores: np.ndarray, true_ids: np.ndarray,
                   heldout_ham: np.ndarray | None = None) -> dict:
-    """How a spam filter is judged: both AUCs, recall at fixed false-positive rates, and the rates
+    """How a spam filter is judged (`scores`: the positive class's probability; `true_ids`: 1 for
+    the positive class, 0 for the others): both AUCs, recall at fixed false-positive rates, and the rates
     at the classifier's operating point; the curves' points for plots and JSON. With held-out
     legitimate messages, the false-positive rates count them too: a few hundred test messages
     cannot tell 0.1% from 0.5%."""
@@ -108,7 +110,7 @@ def binary_report(classifier: TextClassifier, scores: np.ndarray, true_ids: np.n
     if heldout_ham is not None:
         pooled_scores = np.r_[scores, heldout_ham]
         pooled_ids = np.r_[true_ids, np.zeros(len(heldout_ham), dtype=true_ids.dtype)]
-    report = {"positive": classifier.labels[1], "roc_auc": roc_auc(scores, true_ids),
+    report = {"positive": classifier.positive, "roc_auc": roc_auc(scores, true_ids),
               "average_precision": average_precision(scores, true_ids),
               "recall_at_false_positive_rate": {f"{target:g}": recall_at_fpr(pooled_scores, pooled_ids, target)
                                                 for target in REPORTED_FPRS},
@@ -129,8 +131,9 @@ def binary_report(classifier: TextClassifier, scores: np.ndarray, true_ids: np.n
 def heldout_ham_scores(classifier: TextClassifier, data: str) -> np.ndarray:
     """The positive-class probability of the held-out legitimate messages that took no part in
     choosing the operating point (heldout_test)."""
-    frame = pd.read_parquet(split_url(data, "heldout_test"), columns=["text", "label"])
-    return classifier.score_token_ids(classifier.encode(frame[frame["label"] != 1]["text"].tolist()))[:, 1]
+    frame = pd.read_parquet(split_url(data, "heldout_test"), columns=["text", "label_name"])
+    legitimate = frame[frame["label_name"] != classifier.positive]["text"].tolist()
+    return classifier.score_token_ids(classifier.encode(legitimate))[:, classifier.labels.index(classifier.positive)]
 
 
 def write_curves(report: dict, output: str) -> None:

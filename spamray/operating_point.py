@@ -13,6 +13,15 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+
+def default_positive(labels) -> str | None:
+    """Of two labels, 'spam' where it is one, else the second (what spamray assumed before the
+    positive class was recorded); None for other label sets."""
+    if len(labels) != 2:
+        return None
+    return "spam" if "spam" in labels else labels[1]
+
+
 # Recall is reported at these false-positive rates (the TREC spam track reports such points).
 REPORTED_FPRS = (0.001, 0.005, 0.01)
 

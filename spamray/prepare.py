@@ -21,6 +21,7 @@ import pandas as pd
 from . import storage
 from .config import PrepareConfig
 from .errors import SpamrayError
+from .operating_point import default_positive
 
 UCI_ZIP_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 
@@ -117,6 +118,21 @@ def label_order(raw_labels: pd.Series, labels_option: str | None) -> tuple[list[
     return values, values
 
 
+def positive_label(names: list[str], label_ids: pd.Series, chosen: str | None) -> str | None:
+    """The class a binary classifier flags: `chosen` (--positive-label), else 'spam' where it is
+    a label, else the class with fewer rows (a tie: the second). None for other label sets."""
+    if chosen is not None:
+        if len(names) != 2 or chosen not in names:
+            raise ValueError(f"--positive-label {chosen!r} must be one of two labels; the labels are {names}")
+        return chosen
+    if len(names) != 2:
+        return None
+    if "spam" in names:
+        return "spam"
+    counts = label_ids.value_counts()
+    return names[min((1, 0), key=lambda i: counts.get(i, 0))]
+
+
 def bad_rows(frame: pd.DataFrame, values: list[str]) -> pd.Series:
     """Reasons keyed by row for rows that cannot be used: empty text or a label outside `values`."""
     reasons = pd.Series("", index=frame.index)
@@ -165,6 +181,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         logger.warning(f"dropped {len(problems)} rows: {describe_rows(frame, problems, limit=len(problems))}")
         frame = frame.drop(index=problems.index)
     frame = frame.assign(label=frame["label"].map({value: i for i, value in enumerate(values)}).astype("int64"))
+    positive = positive_label(names, frame["label"], cfg.positive_label)
     left_out = frame.iloc[0:0]
     if cfg.balance == "undersample":
         balanced = balance(frame, cfg.seed)
@@ -178,8 +195,10 @@ def prepare(cfg: PrepareConfig) -> dict:
         if missing:
             raise ValueError(f"the {name} split has no {missing} messages ({per_class}); a classifier cannot be "
                              "trained or judged on it. Provide more rows of each class.")
-    write_prepared(cfg, splits, names, values, counts)
+    write_prepared(cfg, splits, names, values, counts, positive)
     logger.info(format_counts(counts))
+    if positive is not None:
+        logger.info(f"positive class (what the filter flags): {positive!r}")
     logger.info(f"prepared data written to {cfg.output}")
     return counts
 
@@ -191,12 +210,13 @@ def halve(rows: pd.DataFrame, seed: int) -> dict[str, pd.DataFrame]:
     return dict(zip(HELDOUT_SPLITS, (shuffled[:middle], shuffled[middle:])))
 
 
-def write_prepared(cfg: PrepareConfig, splits: dict[str, pd.DataFrame], names: list[str], values: list[str], counts: dict) -> None:
+def write_prepared(cfg: PrepareConfig, splits: dict[str, pd.DataFrame], names: list[str], values: list[str], counts: dict,
+                   positive: str | None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for name, part in splits.items():
             part = part.assign(label_name=part["label"].map(dict(enumerate(names))))
             part[["text", "label", "label_name", "source_row"]].to_parquet(Path(scratch) / f"{name}.parquet", index=False)
-        record = {"labels": names, "label_values": values, "counts": counts, "input": cfg.input,
+        record = {"labels": names, "positive": positive, "label_values": values, "counts": counts, "input": cfg.input,
                   "balance": cfg.balance, "seed": cfg.seed}
         (Path(scratch) / LABELS_FILE).write_text(json.dumps(record, indent=2))
         storage.publish_folder(Path(scratch), cfg.output, commit_file=LABELS_FILE, overwrite=cfg.overwrite)
@@ -211,11 +231,22 @@ def format_counts(counts: dict[str, dict[str, int]]) -> str:
 
 
 # -- reading prepared data -------------------------------------------------------------------
-def read_prepared_labels(data: str) -> list[str]:
+def read_labels_record(data: str) -> dict:
     url = storage.join(data, LABELS_FILE)
     if not storage.exists(url):
         raise FileNotFoundError(f"{data} is not a prepared folder: it has no {LABELS_FILE} (run `spamray prepare`)")
-    return json.loads(storage.read_bytes(url))["labels"]
+    return json.loads(storage.read_bytes(url))
+
+
+def read_prepared_labels(data: str) -> list[str]:
+    return read_labels_record(data)["labels"]
+
+
+def read_positive_label(data: str) -> str | None:
+    """The positive class of a prepared folder of two labels (None for other label sets). Folders
+    prepared before it was recorded: 'spam' where it is a label, else the second label, as then."""
+    record = read_labels_record(data)
+    return record.get("positive") or default_positive(record["labels"])
 
 
 def split_url(data: str, split_name: str) -> str:

@@ -36,21 +36,14 @@ def audit_written(fs, root: str, files: dict[str, list[WrittenFile]], scored: li
     repeats) and counts statuses and labels. An input that is no longer as it was listed
     (rewritten while the run scored it), or a Parquet input whose row count differs from what
     was scored, is that file's error: its rows are left out and the next run scores it again.
-    Reads back what was written, streaming: memory is a byte per input row."""
+    Reads back what was written, streaming, several inputs at once (on an object store each file
+    is a round trip): memory is a byte per input row of those being read."""
     audit = Audit(rows_per_file={})
-    for file in scored:
-        problem = changed_since_listing(file)
-        tally, counts = RowTally(file.url), FileCounts()
-        for written in files.get(file.url, []):
-            with fs.open(f"{root}/{written.path}", "rb") as handle:
-                for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_rows, columns=["source_row", "status", "label"]):
-                    tally.add(batch.column("source_row").to_numpy(zero_copy_only=False))
-                    counts.add(batch)
-        rows = tally.complete_count()
-        if problem is None and file.format == "parquet":
-            expected = parquet_rows(file.url)
-            if rows != expected:
-                problem = f"has {expected} rows but {rows} were scored (was it rewritten during the run?)"
+
+    def audit_input(file: InputFile) -> tuple[str | None, int, FileCounts]:
+        return audit_one_input(fs, root, files.get(file.url, []), file, batch_rows)
+
+    for file, (problem, rows, counts) in zip(scored, storage.map_requests(audit_input, scored)):
         if problem is not None:
             audit.file_errors[file.url] = f"{problem}; nothing of it committed"
             continue
@@ -59,6 +52,24 @@ def audit_written(fs, root: str, files: dict[str, list[WrittenFile]], scored: li
         audit.rows_per_status.update(counts.statuses)
         audit.rows_per_label.update(counts.labels)
     return audit
+
+
+def audit_one_input(fs, root: str, written: list[WrittenFile], file: InputFile,
+                    batch_rows: int) -> tuple[str | None, int, FileCounts]:
+    """(what is wrong with the input, or None; its rows, each once; their counts)."""
+    problem = changed_since_listing(file)
+    tally, counts = RowTally(file.url), FileCounts()
+    for part in written:
+        with fs.open(f"{root}/{part.path}", "rb") as handle:
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_rows, columns=["source_row", "status", "label"]):
+                tally.add(batch.column("source_row").to_numpy(zero_copy_only=False))
+                counts.add(batch)
+    rows = tally.complete_count()
+    if problem is None and file.format == "parquet":
+        expected = parquet_rows(file.url)
+        if rows != expected:
+            problem = f"has {expected} rows but {rows} were scored (was it rewritten during the run?)"
+    return problem, rows, counts
 
 
 def changed_since_listing(file: InputFile) -> str | None:

@@ -330,16 +330,18 @@ class ScoresTable:
     def check_files_exist(self, output: RunOutput, plan: CommitPlan) -> None:
         """Right before the commit: every file it adds is there, with the size it will record
         (a full vacuum run by hand at too short a retention could have taken it)."""
-        for url in plan.adds:
-            for file in output.files[url]:
-                try:
-                    size = self.fs.size(f"{self.path}/{file.path}")
-                except FileNotFoundError:
-                    size = None
-                if size != file.bytes:
-                    raise TableError(f"{self.url}/{file.path}, written by this run for {url}, is gone or changed "
-                                       "before the commit (a vacuum with a retention shorter than this run?); nothing "
-                                       "was committed")
+        def size(path: str) -> int | None:
+            try:
+                return self.fs.size(f"{self.path}/{path}")
+            except FileNotFoundError:
+                return None
+
+        files = [(url, file) for url in plan.adds for file in output.files[url]]
+        for (url, file), found in zip(files, storage.map_requests(size, [file.path for _, file in files])):
+            if found != file.bytes:
+                raise TableError(f"{self.url}/{file.path}, written by this run for {url}, is gone or changed "
+                                 "before the commit (a vacuum with a retention shorter than this run?); nothing "
+                                 "was committed")
 
     def commit_info(self, version: int) -> dict | None:
         """The commitInfo of one version, read from its log file (None: no such version)."""
@@ -385,10 +387,8 @@ class ScoresTable:
     # -- files ------------------------------------------------------------------------------
     def files_in(self, folders: list[str]) -> list[str]:
         """Every data file under these partition folders (paths relative to the table)."""
-        found = []
-        for folder in folders:
-            found += [p[len(self.path) + 1:] for p in self.fs.glob(f"{self.path}/{folder}/*.parquet")]
-        return found
+        listed = storage.map_requests(lambda folder: self.fs.glob(f"{self.path}/{folder}/*.parquet"), folders)
+        return [path[len(self.path) + 1:] for paths in listed for path in paths]
 
     def delete(self, paths: list[str]) -> None:
         if paths:

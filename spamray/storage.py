@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import fsspec
@@ -33,6 +35,17 @@ def local_path(url: str) -> Path:
     if not isinstance(fs, LocalFileSystem):
         raise ValueError(f"{url} is not on the local file system")
     return Path(path)
+
+
+# Requests to an object store wait on the network, not the CPU: this many go at once.
+PARALLEL_REQUESTS = 16
+
+
+def map_requests(request: Callable, items: Iterable) -> list:
+    """`request(item)` for every item, several at once (HEADs and LISTs on an object store take a
+    round trip each), results in the items' order."""
+    with ThreadPoolExecutor(PARALLEL_REQUESTS) as pool:
+        return list(pool.map(request, items))
 
 
 def join(url: str, *parts: str) -> str:

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from . import storage
 from .errors import SpamrayError
-from .calibrate import calibrate
+from .calibrate import calibrate, check_calibration_data
 from .classifier import TextClassifier
 from .config import TrainConfig
 from .driver_actors import ProgressBoard, start_beside_driver
@@ -314,6 +314,7 @@ def train(cfg: TrainConfig) -> dict:
     if storage.exists(cfg.output) and not cfg.overwrite:
         raise FileExistsError(f"{cfg.output} already exists; choose another --output or pass --overwrite")
     probe = build_classifier(cfg, labels)  # fails here, before any Ray work, on bad weights or options
+    check_calibration_data(cfg.data, labels, cfg.target_fpr)
     logger.info(f"model: {cfg.weights} ({probe.cfg.emb_dim}-wide, {probe.cfg.n_layers} blocks), trainable {cfg.trainable}: "
         f"{count_parameters(probe, trainable_only=True):,} of {count_parameters(probe):,} parameters")
     pad_to = longest_training_example(cfg.data, probe.max_length) if cfg.padding == "longest" else None

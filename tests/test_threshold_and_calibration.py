@@ -129,3 +129,63 @@ def test_a_classifier_saved_before_calibration_labels_as_before_and_multiclass_k
     assert three.label_ids(np.array([[0.2, 0.5, 0.3]])).tolist() == [1]
     with pytest.raises(ValueError, match="two labels"):
         three.label_ids(np.array([[0.2, 0.5, 0.3]]), threshold=0.4)
+
+
+# -- the positive class, explicit -------------------------------------------------------------------
+@pytest.fixture
+def spam_and_valid_csv(tmp_path, sms_messages):
+    """Labels 'spam' and 'valid': the legitimate class sorts second, and is the larger one."""
+    import csv
+
+    text = (Path(spamray.__file__).parent / "data" / "SMSSpamCollection").read_text(encoding="utf-8")
+    rows = [row for row in csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE)][:1500]
+    path = tmp_path / "mail.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["label", "text"])
+        writer.writerows([("valid" if label == "ham" else "spam", message) for label, message in rows])
+    return str(path)
+
+
+@pytest.mark.parametrize("order", [None, "spam,valid", "valid,spam"])
+def test_the_positive_class_is_the_one_named_whatever_the_label_order(spam_and_valid_csv, tmp_path, order):
+    from spamray.calibrate import calibrate
+    from spamray.config import EvaluateConfig, PrepareConfig
+    from spamray.evaluate import evaluate
+    from spamray.prepare import prepare, read_positive_label, read_prepared_labels
+
+    data = str(tmp_path / "data")
+    prepare(PrepareConfig(output=data, input=spam_and_valid_csv, labels=order))
+    labels = read_prepared_labels(data)
+    assert read_positive_label(data) == "spam" and labels == (order.split(",") if order else ["spam", "valid"])
+    torch.manual_seed(0)
+    classifier = TextClassifier.from_gpt2(spamray.load_gpt2("random", "gpt2-tiny"), labels, max_length=64).eval()
+    report = calibrate(classifier, data, target_fpr=0.05)
+    assert classifier.operating_point.positive == "spam" and classifier.positive == "spam"
+    assert report["heldout_test"]["messages"] > 100  # the held-out 'valid' messages, whatever their id
+    model = str(tmp_path / "model")
+    classifier.save(model)
+    assert TextClassifier.load(model).positive == "spam"
+    binary = evaluate(EvaluateConfig(model=model, data=data))["binary"]
+    assert binary["positive"] == "spam" and binary["heldout_test"]["messages"] == report["heldout_test"]["messages"]
+    flagged = TextClassifier.load(model).predict(["hi"] * 3)
+    assert {p.label for p in flagged} <= set(labels)
+
+
+def test_an_operating_point_that_cannot_be_chosen_fails_before_training_and_none_turns_it_off(
+        spam_and_valid_csv, tmp_path, capsys):
+    from spamray.config import PrepareConfig, TrainConfig
+    from spamray.prepare import prepare
+    from spamray.train import train
+
+    data = str(tmp_path / "data")
+    prepare(PrepareConfig(output=data, input=spam_and_valid_csv, positive_label="valid"))  # the larger class
+    with pytest.raises(ValueError, match="heldout_tune holds no messages other than the positive class 'valid'"):
+        train(TrainConfig(data=data, output=str(tmp_path / "model"), weights="random", preset="gpt2-tiny",
+                          storage_path=str(tmp_path / "runs")))
+    assert not (tmp_path / "runs").exists()  # refused before any Ray Train run
+    torch.manual_seed(0)
+    TextClassifier.from_gpt2(spamray.load_gpt2("random", "gpt2-tiny"), ["spam", "valid"], max_length=64).save(
+        str(tmp_path / "model"))
+    assert main(["calibrate", str(tmp_path / "model"), data, "--target-fpr", "none"]) == 0
+    assert TextClassifier.load(str(tmp_path / "model")).operating_point is None

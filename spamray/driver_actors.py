@@ -15,16 +15,24 @@ def start_beside_driver(actor_class: type):
     return ray.remote(num_cpus=0)(actor_class).options(scheduling_strategy=here).remote()
 
 
-class BatchStarts:
-    """How many times each scoring batch has been started, across replica restarts: every
-    replica asks before it scores a batch (see score.MAX_BATCH_STARTS)."""
+class BatchCrashes:
+    """How many times each scoring batch has crashed its replica, across replica restarts: a
+    replica reports each batch's start and finish (see score.MAX_BATCH_CRASHES). Crashes are
+    starts that never finished: when Ray Data retries a whole task of several batches after one
+    of them crashed, the batches before it start again, but they had finished, so they are not
+    counted against."""
 
     def __init__(self):
-        self.starts = Counter()
+        self.started, self.finished = Counter(), Counter()
 
     def start(self, batch_key: str) -> int:
-        self.starts[batch_key] += 1
-        return self.starts[batch_key]
+        """Records a start; returns the batch's crashes before it."""
+        crashes = self.started[batch_key] - self.finished[batch_key]
+        self.started[batch_key] += 1
+        return crashes
+
+    def finish(self, batch_key: str) -> None:
+        self.finished[batch_key] += 1
 
 
 class ProgressBoard:

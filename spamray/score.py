@@ -21,7 +21,7 @@ import pyarrow as pa
 from . import saved, storage
 from .config import PRECISIONS, ScoreConfig
 from .errors import SpamrayError
-from .driver_actors import BatchStarts, RowsWritten, start_beside_driver
+from .driver_actors import BatchCrashes, RowsWritten, start_beside_driver
 from .classifier import probability_column
 from .inputs import InputFile, check_inputs, list_input_files, read_chunks
 from .progress import Progress
@@ -50,9 +50,10 @@ TASK_CPUS = 0.25
 REPLICA_START_TIMEOUT_S = 1800
 # A batch whose replica dies (a lost node, a crash) goes to a restarted replica. One that kills
 # every replica it reaches (a crash in native code, out of memory on some message) would do so
-# without end: Ray Data restarts replicas and retries their batches without limit. Started this
-# many times, the batch is refused: its input files fail, named with the rows, the others commit.
-MAX_BATCH_STARTS = 3
+# without end: Ray Data restarts replicas and retries their batches without limit. Once it has
+# crashed this many times, the batch is refused: its input files fail, named with the rows, the
+# others commit.
+MAX_BATCH_CRASHES = 3
 
 
 def output_schema(carried: dict[str, pa.DataType], keep_text: bool, labels: list[str]) -> pa.Schema:
@@ -105,10 +106,10 @@ class Scorer:
     """One model replica: loads the saved classifier once, then scores batches of token ids.
 
     It refuses a model whose version is not the run's (the model was overwritten while the run
-    was starting replicas), and a batch already started MAX_BATCH_STARTS times (see there)."""
+    was starting replicas), and a batch that already crashed MAX_BATCH_CRASHES replicas (see there)."""
 
     def __init__(self, model_url: str, threads: int, model_name: str, precision: str = "auto",
-                 model_version: str | None = None, batch_starts=None, threshold: float | None = None):
+                 model_version: str | None = None, batch_crashes=None, threshold: float | None = None):
         import torch
 
         from .classifier import TextClassifier
@@ -128,17 +129,25 @@ class Scorer:
         self.columns = [probability_column(label) for label in self.classifier.labels]
         self.model_name = model_name
         self.node = replica_node()
-        self.batch_starts = batch_starts
+        self.batch_crashes = batch_crashes
         self.threshold = threshold
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.batch_starts is not None:
-            import ray
+        if self.batch_crashes is None:
+            return self.score(batch)
+        import ray
 
-            starts = ray.get(self.batch_starts.start.remote(batch_key(batch)))
-            if starts > MAX_BATCH_STARTS:
-                return self.output(batch, [], np.zeros((0, len(self.columns)), np.float32),
-                                   file_errors=killer_batch_errors(batch, crashes=starts - 1))
+        key = batch_key(batch)
+        crashes = ray.get(self.batch_crashes.start.remote(key))
+        if crashes >= MAX_BATCH_CRASHES:
+            scored = self.output(batch, [], np.zeros((0, len(self.columns)), np.float32),
+                                 file_errors=killer_batch_errors(batch, crashes=crashes))
+        else:
+            scored = self.score(batch)
+        ray.get(self.batch_crashes.finish.remote(key))  # recorded before the next batch can crash
+        return scored
+
+    def score(self, batch: pa.Table) -> pa.Table:
         token_ids = batch["token_ids"].combine_chunks()
         offsets, flat = token_ids.offsets.to_numpy(), token_ids.values.to_numpy()
         scoreable = np.flatnonzero(np.isin(batch["status"].to_numpy(zero_copy_only=False), SCOREABLE))
@@ -303,9 +312,9 @@ def score_into_table(cfg: ScoreConfig, run: Run, summary: ScoreSummary) -> None:
         table.create(schema)
         run.state = table.read_state()
         table.check_columns(run.state, schema)
-    batch_starts, rows_written = start_beside_driver(BatchStarts), start_beside_driver(RowsWritten)
+    batch_crashes, rows_written = start_beside_driver(BatchCrashes), start_beside_driver(RowsWritten)
     try:
-        dataset, precision = scoring_pipeline(cfg, run, batch_starts)
+        dataset, precision = scoring_pipeline(cfg, run, batch_crashes)
         logger.info(f"scoring {len(run.to_score)} of {summary.files_seen} files from {cfg.input} with {cfg.model} "
                     f"({run.model_version}), {cfg.replicas} replica(s), {precision}, into {table.url}")
         record = {"model": cfg.model, "model_version": run.model_version, "threshold": summary.threshold,
@@ -314,7 +323,7 @@ def score_into_table(cfg: ScoreConfig, run: Run, summary: ScoreSummary) -> None:
                           record, WRITE_BATCH_ROWS, rows_written)
         write_with_progress(dataset, sink, rows_written, run.rows_to_score)
     finally:
-        ray.kill(batch_starts)
+        ray.kill(batch_crashes)
         ray.kill(rows_written)
     outcome = sink.outcome
     result, output, audit = outcome.result, outcome.output, outcome.audit
@@ -364,7 +373,7 @@ def write_with_progress(dataset, sink, rows_written, rows_to_score: int | None) 
         progress.close()
 
 
-def scoring_pipeline(cfg: ScoreConfig, run: Run, batch_starts):
+def scoring_pipeline(cfg: ScoreConfig, run: Run, batch_crashes):
     """(the Ray Data pipeline: read -> tokenize -> score, the replicas' precision); its rows go to
     the table's sink (scores_sink)."""
     import ray
@@ -387,7 +396,7 @@ def scoring_pipeline(cfg: ScoreConfig, run: Run, batch_starts):
                      fn_constructor_kwargs={"model_url": cfg.model, "threads": cfg.cpus_per_replica,
                                             "model_name": cfg.model, "precision": precision,
                                             "model_version": run.classifier_version,
-                                            "batch_starts": batch_starts, "threshold": cfg.threshold})
+                                            "batch_crashes": batch_crashes, "threshold": cfg.threshold})
     )
     dataset.context.target_max_block_size = OUTPUT_BLOCK_BYTES
     # A clear error, not a hang, when the cluster cannot place every replica (an autoscaler

@@ -153,7 +153,7 @@ def test_a_batch_that_kills_every_replica_fails_its_file_after_bounded_restarts(
     # run would never end.
     out = str(tmp_path / "scores")
     code, output, kills = score_killing_replicas(model_url, str(mixed_archive), out, tmp_path, once=False)
-    assert code == 1 and kills == spamray.score.MAX_BATCH_STARTS, output[-3000:]
+    assert code == 1 and kills == spamray.score.MAX_BATCH_CRASHES, output[-3000:]
     failed = next(line for line in output.splitlines() if line.startswith("FAILED"))
     assert "part-1.parquet" in failed and "killed the model replica scoring them 3 times" in failed
     first, last = map(int, failed.split("rows ")[1].split(" ")[0].split("-"))
@@ -345,3 +345,20 @@ def test_an_input_that_changed_under_the_run_is_that_files_error_and_the_others_
     assert audit.rows_per_file == {stable.url: 1} and audit.rows_written == 1
     assert "has 3 rows but 2 were scored" in audit.file_errors[short.url]
     assert "changed while the run scored it" in audit.file_errors[rewritten.url]
+
+
+def test_a_batch_is_refused_for_its_own_crashes_not_for_the_retries_of_its_task():
+    # One replica task carried two batches, of two input files; the second kills its replica
+    # each time, and Ray retries the whole task: the first batch starts again every time.
+    from spamray.driver_actors import BatchCrashes
+
+    crashes, first, killer = BatchCrashes(), "a.parquet:0:b.parquet:5:16", "b.parquet:6:b.parquet:21:16"
+    refused = []
+    for attempt in range(spamray.score.MAX_BATCH_CRASHES + 1):
+        for batch in (first, killer):
+            if crashes.start(batch) >= spamray.score.MAX_BATCH_CRASHES:
+                refused.append(batch)
+            elif batch == killer:
+                break  # the replica died scoring it: no finish
+            crashes.finish(batch)
+    assert refused == [killer]  # the first batch, and a.parquet with it, commits

@@ -77,6 +77,13 @@ def run_readme_reading_lines(url: str) -> None:
     assert len(names["frame"]) and names["table"].num_rows == len(names["table"]) > 0
 
 
+def one_file_archive(tmp_path, texts: list[str]) -> Path:
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    pq.write_table(pa.table({"text": texts}), archive / "a.parquet")
+    return archive
+
+
 @pytest.fixture
 def small_writes(monkeypatch):
     """Writer tasks that write every 64 rows: several data files per input, for compaction to merge."""
@@ -139,9 +146,7 @@ def test_every_reader_reads_the_table_alike_before_and_after_compaction_z_order_
 
 def test_the_full_vacuum_is_maintenance_with_a_floor_and_takes_only_unnamed_old_files(
         ray_local, model_url, sms_messages, tmp_path, capsys):
-    archive = tmp_path / "archive"
-    archive.mkdir()
-    pq.write_table(pa.table({"text": sms_messages[:40]}), archive / "a.parquet")
+    archive = one_file_archive(tmp_path, sms_messages[:40])
     out = str(tmp_path / "scores")
     score(ScoreConfig(model=model_url, input=str(archive), output=out))
     killed = tmp_path / "scores" / "input_key=0123" / "scoring=abcd-20990101T000000-killed"
@@ -164,9 +169,7 @@ def test_the_full_vacuum_is_maintenance_with_a_floor_and_takes_only_unnamed_old_
 
 def test_a_commit_reported_as_failed_that_landed_is_reported_as_committed(
         ray_local, model_url, sms_messages, tmp_path, monkeypatch):
-    archive = tmp_path / "archive"
-    archive.mkdir()
-    pq.write_table(pa.table({"text": sms_messages[:30]}), archive / "a.parquet")
+    archive = one_file_archive(tmp_path, sms_messages[:30])
     real_commit = ScoresTable._commit_once
 
     def lands_then_fails(self, *args, **kwargs):
@@ -182,9 +185,7 @@ def test_a_commit_reported_as_failed_that_landed_is_reported_as_committed(
 
 def test_a_store_that_lets_another_commit_take_the_version_is_caught(ray_local, model_url, sms_messages, tmp_path,
                                                                      monkeypatch):
-    archive = tmp_path / "archive"
-    archive.mkdir()
-    pq.write_table(pa.table({"text": sms_messages[:30]}), archive / "a.parquet")
+    archive = one_file_archive(tmp_path, sms_messages[:30])
     out = str(tmp_path / "scores")
     real_commit = ScoresTable._commit_once
 
@@ -223,9 +224,7 @@ def test_carried_columns_widen_across_files_and_a_file_that_cannot_be_stored_fai
 
 def test_a_file_gone_before_the_commit_fails_the_run_and_nothing_is_committed(
         ray_local, model_url, sms_messages, tmp_path, monkeypatch):
-    archive = tmp_path / "archive"
-    archive.mkdir()
-    pq.write_table(pa.table({"text": sms_messages[:30]}), archive / "a.parquet")
+    archive = one_file_archive(tmp_path, sms_messages[:30])
     out = str(tmp_path / "scores")
     real_check = ScoresTable.check_files_exist
 

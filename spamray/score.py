@@ -20,8 +20,8 @@ import pyarrow as pa
 
 from . import saved, storage
 from .config import PRECISIONS, ScoreConfig
-from .errors import SpamrayError
 from .driver_actors import BatchCrashes, RowsWritten, start_beside_driver
+from .errors import SpamrayError
 from .classifier import probability_column
 from .inputs import InputFile, check_inputs, list_input_files, read_chunks
 from .progress import Progress
@@ -134,7 +134,7 @@ class Scorer:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.batch_crashes is None:
-            return self.score(batch)
+            return self.score_batch(batch)
         import ray
 
         key = batch_key(batch)
@@ -143,11 +143,11 @@ class Scorer:
             scored = self.output(batch, [], np.zeros((0, len(self.columns)), np.float32),
                                  file_errors=killer_batch_errors(batch, crashes=crashes))
         else:
-            scored = self.score(batch)
+            scored = self.score_batch(batch)
         ray.get(self.batch_crashes.finish.remote(key))  # recorded before the next batch can crash
         return scored
 
-    def score(self, batch: pa.Table) -> pa.Table:
+    def score_batch(self, batch: pa.Table) -> pa.Table:
         token_ids = batch["token_ids"].combine_chunks()
         offsets, flat = token_ids.offsets.to_numpy(), token_ids.values.to_numpy()
         scoreable = np.flatnonzero(np.isin(batch["status"].to_numpy(zero_copy_only=False), SCOREABLE))

@@ -20,10 +20,11 @@ from torch import nn
 from . import saved
 from .lora import add_lora, merge_lora
 from .model import GPTConfig, GPTModel
-from .operating_point import OperatingPoint, default_positive, softmax
+from .operating_point import OperatingPoint, default_positive
 from .tokenizer import get_tokenizer
 
 POOLINGS = ("last_token", "last", "mean")
+PRECISIONS = ("fp32", "bf16")  # what a classifier computes in (set_precision)
 
 # Tokens and rows per model batch. A CPU's matrix products run near full speed from a few hundred
 # rows on, so small batches win there: rows grouped more tightly by length carry less padding
@@ -75,6 +76,11 @@ class TextClassifier(nn.Module):
         # The class a binary classifier flags (what a threshold applies to); the prepared data's
         # choice once trained (spamray.prepare.positive_label).
         self.positive: str | None = default_positive(labels)
+        # The positive class's share in the messages the probabilities are calibrated for (the
+        # validation split's), and the share of real traffic they are shifted to (calibrate --prior).
+        self.calibrated_share: float | None = None
+        self.prior: float | None = None
+        self.precision = "fp32"
 
     @classmethod
     def from_gpt2(cls, model: GPTModel, labels: Sequence[str], pooling: str = "last_token",
@@ -87,6 +93,19 @@ class TextClassifier(nn.Module):
     @property
     def cfg(self) -> GPTConfig:
         return self.gpt.cfg
+
+    def set_precision(self, precision: str) -> "TextClassifier":
+        """fp32, or bf16 for the transformer (half the memory traffic, tensor cores) while the final
+        LayerNorm and the head stay fp32: the logits, and so the decision at a threshold, come out of
+        fp32 arithmetic on the bf16 hidden states. bf16 rounds the weights: going back to fp32
+        does not restore them (use a copy)."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        self.gpt.to(torch.bfloat16 if precision == "bf16" else torch.float32)
+        self.gpt.final_norm.float()
+        self.gpt.out_head.float()
+        self.precision = precision
+        return self
 
     # -- training policy ------------------------------------------------------------------
     def set_trainable(self, policy: str) -> None:
@@ -131,7 +150,7 @@ class TextClassifier(nn.Module):
             # `last` reads the final position, padding or not (the book); `last_token` the last real token.
             positions = torch.full_like(lengths, tokens - 1) if self.pooling == "last" else lengths - 1
             pooled = self.gpt.hidden_states(token_ids, query_positions=positions)[:, 0]
-        return self.gpt.out_head(pooled)
+        return self.gpt.out_head(pooled.to(self.gpt.out_head.weight.dtype))
 
     # -- scoring --------------------------------------------------------------------------
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
@@ -164,9 +183,17 @@ class TextClassifier(nn.Module):
 
     def score_token_ids(self, batch: Sequence[Sequence[int]], max_batch_tokens: int | None = None,
                         max_batch_rows: int | None = None) -> np.ndarray:
-        """Class probabilities [N, num_labels], calibrated (softmax of logits / temperature)."""
-        logits = self.logits_token_ids(batch, max_batch_tokens, max_batch_rows)
-        return softmax(logits, self.temperature).astype(np.float32)
+        """Class probabilities [N, num_labels] of token id lists (see `probabilities`)."""
+        return self.probabilities(self.logits_token_ids(batch, max_batch_tokens, max_batch_rows))
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities (float32, as the scores table stores them and the
+        threshold is chosen on): softmax of logits / temperature, the positive class's log-odds
+        shifted from the calibration mix to `prior` where one is set."""
+        scaled = np.asarray(logits, dtype=np.float64) / self.temperature
+        if self.prior is not None:
+            scaled[:, self.labels.index(self.positive)] += prior_shift(self.calibrated_share, self.prior)
+        return softmax(scaled).astype(np.float32)
 
     def label_ids(self, probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
         """Each row's label: with an operating point (binary classifiers), the positive label where
@@ -209,6 +236,8 @@ class TextClassifier(nn.Module):
             "temperature": self.temperature,
             "operating_point": self.operating_point.to_dict() if self.operating_point else None,
             "positive_label": self.positive,
+            "calibrated_share": self.calibrated_share,
+            "prior": self.prior,
         }
         saved.write_saved(url, metadata, self.state_dict(), overwrite=overwrite, extra_files=extra_files)
 
@@ -234,6 +263,7 @@ class TextClassifier(nn.Module):
         point = metadata.get("operating_point")
         classifier.operating_point = OperatingPoint(**point) if point else None
         classifier.positive = metadata.get("positive_label") or (point or {}).get("positive") or classifier.positive
+        classifier.calibrated_share, classifier.prior = metadata.get("calibrated_share"), metadata.get("prior")
         classifier.version = saved.model_version(metadata)
         return classifier.eval()
 
@@ -244,6 +274,21 @@ class TextClassifier(nn.Module):
             digest.update(name.encode())
             digest.update(tensor.detach().float().cpu().numpy().tobytes())
         return digest.hexdigest()[:16]
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Rows of class probabilities (float64) from rows of logits."""
+    scaled = np.asarray(logits, dtype=np.float64) / temperature
+    scaled = scaled - scaled.max(axis=1, keepdims=True)
+    exp = np.exp(scaled)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def prior_shift(calibrated_share: float, prior: float) -> float:
+    """What Bayes' rule adds to the positive class's log-odds when its share of the messages
+    moves from `calibrated_share` (where the probabilities were calibrated) to `prior`."""
+    log_odds = lambda share: float(np.log(share) - np.log1p(-share))  # noqa: E731
+    return log_odds(prior) - log_odds(calibrated_share)
 
 
 def length_buckets(lengths: Sequence[int], max_batch_tokens: int, max_batch_rows: int) -> Iterator[np.ndarray]:

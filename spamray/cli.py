@@ -158,7 +158,8 @@ def run_calibrate(cfg: CalibrateConfig) -> None:
     from .classifier import TextClassifier
 
     classifier = TextClassifier.load(cfg.model)
-    classifier.metrics = {**classifier.metrics, "calibration": calibrate(classifier, cfg.data, cfg.target_fpr)}
+    classifier.metrics = {**classifier.metrics, "calibration": calibrate(classifier, cfg.data, cfg.target_fpr,
+                                                                               cfg.prior)}
     classifier.save(cfg.output or cfg.model, overwrite=True)
     print(f"calibrated classifier saved to {cfg.output or cfg.model} (version {classifier_version(cfg.output or cfg.model)})")
 

@@ -20,7 +20,7 @@ def required(help: str, **extra):
     return field(metadata={"help": help, "required": True, **extra})
 
 
-PRECISIONS = ("auto", "fp32", "bf16")  # scoring replicas: see spamray.score.resolve_precision
+PRECISION_CHOICES = ("auto", "fp32", "bf16")  # scoring replicas: see spamray.score.resolve_precision
 
 @dataclass
 class PrepareConfig:
@@ -82,6 +82,7 @@ class TrainConfig:
     target_fpr: float | None = option(0.005, "after training, a binary classifier's threshold is chosen to flag at "
                                       "most this share of held-out legitimate messages (see `spamray calibrate`); "
                                       "none: no operating point, the most probable label wins")
+    prior: float | None = option(None, "the positive class's share of the traffic the classifier will label (about 0.13 in the SMS collection; the balanced validation split is about half): probabilities are shifted from the validation mix to it; labels at the operating point do not change")
     data_timeout_s: float = option(600.0, "a worker waiting longer than this for its next batch fails, and is "
                                    "retried from the last checkpoint: a stalled data pipeline never hangs a run")
     overwrite: bool = option(False, "replace an existing output folder")
@@ -97,6 +98,9 @@ class EvaluateConfig:
     label_column: str = option("label", "label column of a labelled file (label names or ids)")
     output: str | None = option(None, "folder for roc.png, precision_recall.png and evaluation.json (binary "
                                 "classifiers)")
+    precision: str = option("fp32", "compute as a scoring replica at this precision does (score --precision: bf16 "
+                            "on GPUs by default), so the rates measured are the ones it labels with",
+                            choices=["fp32", "bf16"])
 
 
 @dataclass
@@ -106,6 +110,7 @@ class CalibrateConfig:
                          "heldout_test measures it", positional=True)
     target_fpr: float | None = option(0.005, "flag at most this share of legitimate messages (binary classifiers); "
                                       "none: no operating point")
+    prior: float | None = option(None, "the positive class's share of the traffic the classifier will label (about 0.13 in the SMS collection; the balanced validation split is about half): probabilities are shifted from the validation mix to it; labels at the operating point do not change")
     output: str | None = option(None, "save the calibrated classifier here (default: replace MODEL)")
 
 
@@ -132,7 +137,7 @@ class ScoreConfig:
                                     "16384 on GPUs); a replica groups them by length, so larger batches pad less")
     precision: str = option("auto", "weights and activations of the replicas: auto (bf16 on GPUs, where its "
                             "labels match fp32's on 99.75% of messages measured; fp32 on CPUs), fp32, bf16",
-                            choices=list(PRECISIONS))
+                            choices=list(PRECISION_CHOICES))
     threshold: float | None = option(None, "label a binary classifier's positive class where its probability "
                                      "reaches this (default: the classifier's operating point, else the most "
                                      "probable label)")

@@ -8,51 +8,50 @@ import json
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import (average_precision_score, confusion_matrix, precision_recall_curve,
+                             precision_recall_fscore_support, roc_auc_score, roc_curve)
 
 from . import storage
+from .calibrate import at_precision, calibration_report, logits_of, probabilities_meaning
 from .classifier import TextClassifier
 from .config import EvaluateConfig
-from .operating_point import (REPORTED_FPRS, average_precision, calibration_report, precision_recall_curve, rates_at,
-                              recall_at_fpr, roc_auc, roc_curve, softmax)
+from .operating_point import REPORTED_FPRS, rates_at, recall_at_fpr
 from .plots import plot_curve
 from .prepare import SPLITS, has_split, read_labelled, split_url
 
 
 def classification_report(true_ids: np.ndarray, predicted_ids: np.ndarray, labels: list[str]) -> dict:
-    """Accuracy, per-class precision/recall/F1/support, and the confusion matrix (rows: true)."""
-    confusion = np.zeros((len(labels), len(labels)), dtype=np.int64)
-    np.add.at(confusion, (true_ids, predicted_ids), 1)
-    per_class = {}
-    for i, label in enumerate(labels):
-        true_positive = confusion[i, i]
-        predicted, actual = confusion[:, i].sum(), confusion[i, :].sum()
-        precision = true_positive / predicted if predicted else 0.0
-        recall = true_positive / actual if actual else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[label] = {"precision": float(precision), "recall": float(recall), "f1": float(f1), "support": int(actual)}
-    return {"accuracy": float(np.trace(confusion) / max(confusion.sum(), 1)), "per_class": per_class,
-            "confusion_matrix": confusion.tolist(), "labels": labels, "count": int(confusion.sum())}
+    """Per-class precision/recall/F1/support and the confusion matrix (rows: true), scikit-learn's."""
+    ids = list(range(len(labels)))
+    precision, recall, f1, support = precision_recall_fscore_support(true_ids, predicted_ids, labels=ids,
+                                                                     zero_division=0)
+    per_class = {label: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                         "support": int(support[i])} for i, label in enumerate(labels)}
+    confusion = confusion_matrix(true_ids, predicted_ids, labels=ids)
+    return {"per_class": per_class, "confusion_matrix": confusion.tolist(), "labels": labels,
+            "count": int(confusion.sum())}
 
 
-def predict_ids(classifier: TextClassifier, texts: list[str], argmax: bool = False) -> np.ndarray:
-    was_training = classifier.training
-    classifier.eval()
-    try:
-        probs = classifier.score_token_ids(classifier.encode(texts))
-        return probs.argmax(axis=1) if argmax else classifier.label_ids(probs)
-    finally:
-        classifier.train(was_training)
+def accuracies(classifier: TextClassifier, probs: np.ndarray, true_ids: np.ndarray) -> dict[str, float | None]:
+    """The two accuracies, kept apart: `argmax_accuracy` labels by the most probable class (the
+    book's measure), `accuracy_at_threshold` by the operating point (what scoring labels; None
+    without one)."""
+    at_threshold = classifier.label_ids(probs) if classifier.operating_point else None
+    return {"argmax_accuracy": float((probs.argmax(axis=1) == true_ids).mean()),
+            "accuracy_at_threshold": None if at_threshold is None else float((at_threshold == true_ids).mean())}
 
 
 def accuracy_by_split(classifier: TextClassifier, data: str) -> dict[str, float]:
-    """Whole-split accuracy on each prepared split, labels by the most probable class (the book's
-    final numbers, whatever the operating point)."""
-    accuracies = {}
+    """Both accuracies on each prepared split: `test_argmax_accuracy` (the book's final numbers),
+    `test_accuracy_at_threshold` (with an operating point), and so on."""
+    figures = {}
     for split in SPLITS:
         frame = pd.read_parquet(split_url(data, split), columns=["text", "label"])
-        accuracies[f"{split}_accuracy"] = float((predict_ids(classifier, frame["text"].tolist(), argmax=True)
-                                                 == frame["label"].to_numpy()).mean())
-    return accuracies
+        probs = classifier.probabilities(logits_of(classifier, frame["text"].tolist()))
+        for name, value in accuracies(classifier, probs, frame["label"].to_numpy()).items():
+            if value is not None:
+                figures[f"{split}_{name}"] = value
+    return figures
 
 
 def label_ids(values: pd.Series, labels: list[str], where: str) -> np.ndarray:
@@ -71,7 +70,10 @@ def label_ids(values: pd.Series, labels: list[str], where: str) -> np.ndarray:
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
-    classifier = TextClassifier.load(cfg.model)
+    """The classifier on labelled messages, computed at `cfg.precision` as a scoring replica
+    at that precision computes it."""
+    saved_classifier = TextClassifier.load(cfg.model)
+    classifier = at_precision(saved_classifier, cfg.precision)
     data = cfg.data
     prepared = storage.exists(storage.join(data, "labels.json"))
     if prepared:
@@ -81,12 +83,13 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     else:
         frame = read_labelled(data, cfg.text_column, cfg.label_column)
     true_ids = label_ids(frame["label"], classifier.labels, data)
-    logits = classifier.logits_token_ids(classifier.encode(frame["text"].tolist()))
-    probs = softmax(logits, classifier.temperature)
-    report = {"model": cfg.model, "data": data,
+    logits = logits_of(classifier, frame["text"].tolist())
+    probs = classifier.probabilities(logits)
+    report = {"model": cfg.model, "data": data, "precision": cfg.precision, **accuracies(classifier, probs, true_ids),
               **classification_report(true_ids, classifier.label_ids(probs), classifier.labels),
-              "argmax_accuracy": float((probs.argmax(axis=1) == true_ids).mean()),
-              "calibration": {"temperature": classifier.temperature,
+              "probabilities": probabilities_meaning(classifier),
+              "calibration": {"temperature": classifier.temperature, "calibrated_share": classifier.calibrated_share,
+                              "prior": classifier.prior,
                               **calibration_report(logits, true_ids, classifier.temperature)}}
     if len(classifier.labels) == 2 and len(set(true_ids.tolist())) == 2:
         heldout = heldout_ham_scores(classifier, cfg.data) if prepared and has_split(cfg.data, "heldout_test") else None
@@ -104,14 +107,14 @@ def binary_report(classifier: TextClassifier, scores: np.ndarray, true_ids: np.n
     at the classifier's operating point; the curves' points for plots and JSON. With held-out
     legitimate messages, the false-positive rates count them too: a few hundred test messages
     cannot tell 0.1% from 0.5%."""
-    fpr, tpr, _ = roc_curve(scores, true_ids)
-    precision, recall, _ = precision_recall_curve(scores, true_ids)
+    fpr, tpr, _ = roc_curve(true_ids, scores)
+    precision, recall, _ = precision_recall_curve(true_ids, scores)
     pooled_scores, pooled_ids = scores, true_ids
     if heldout_ham is not None:
         pooled_scores = np.r_[scores, heldout_ham]
         pooled_ids = np.r_[true_ids, np.zeros(len(heldout_ham), dtype=true_ids.dtype)]
-    report = {"positive": classifier.positive, "roc_auc": roc_auc(scores, true_ids),
-              "average_precision": average_precision(scores, true_ids),
+    report = {"positive": classifier.positive, "roc_auc": float(roc_auc_score(true_ids, scores)),
+              "average_precision": float(average_precision_score(true_ids, scores)),
               "recall_at_false_positive_rate": {f"{target:g}": recall_at_fpr(pooled_scores, pooled_ids, target)
                                                 for target in REPORTED_FPRS},
               "legitimate_messages_for_rates": int((pooled_ids == 0).sum()),
@@ -133,7 +136,7 @@ def heldout_ham_scores(classifier: TextClassifier, data: str) -> np.ndarray:
     choosing the operating point (heldout_test)."""
     frame = pd.read_parquet(split_url(data, "heldout_test"), columns=["text", "label_name"])
     legitimate = frame[frame["label_name"] != classifier.positive]["text"].tolist()
-    return classifier.score_token_ids(classifier.encode(legitimate))[:, classifier.labels.index(classifier.positive)]
+    return classifier.probabilities(logits_of(classifier, legitimate))[:, classifier.labels.index(classifier.positive)]
 
 
 def write_curves(report: dict, output: str) -> None:
@@ -170,16 +173,21 @@ def format_binary(report: dict) -> list[str]:
                      f"recall {at['recall']:.2%}, precision {at['precision']:.2%}")
         if "heldout_test" in binary:
             held = binary["heldout_test"]
-            lines.append(f"  heldout_test: false-positive rate {held['false_positive_rate']:.2%} "
+            lines.append(f"  heldout_test: false-positive rate {held['false_positive_rate']:.2%} at {report['precision']} "
                          f"({held['flagged']} of {held['messages']:,} legitimate messages)")
     lines.append(f"calibration (temperature {calibration['temperature']:.3f}): log loss {calibration['log_loss_before']:.4f}"
                  f" -> {calibration['log_loss_after']:.4f}, ECE {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}")
+    lines.append(report["probabilities"])
     return lines
 
 
 def format_report(report: dict) -> str:
     labels = report["labels"]
-    lines = [f"{report['data']}: {report['count']} messages, accuracy {report['accuracy']:.2%}", "",
+    at_threshold = report["accuracy_at_threshold"]
+    lines = [f"{report['data']}: {report['count']} messages at {report['precision']}; accuracy {report['argmax_accuracy']:.2%} "
+             "by the most probable label (argmax_accuracy)"
+             + (f", {at_threshold:.2%} at the operating point (accuracy_at_threshold)" if at_threshold is not None else ""),
+             "",
              f"{'class':<14}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]
     for label, scores in report["per_class"].items():
         lines.append(f"{label:<14}{scores['precision']:>10.4f}{scores['recall']:>10.4f}{scores['f1']:>10.4f}{scores['support']:>10}")

@@ -162,7 +162,7 @@ class GPTModel(nn.Module):
         for block in early_blocks:
             x = block(x)
         x = last_block(x, query_positions)
-        return self.final_norm(x)
+        return self.final_norm(x.to(self.final_norm.weight.dtype))  # fp32 on bf16 blocks: set_precision
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Language-model logits [B, T, vocab_size]."""

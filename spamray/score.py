@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import saved, storage
-from .config import PRECISIONS, ScoreConfig
+from .config import PRECISION_CHOICES, ScoreConfig
 from .driver_actors import BatchCrashes, RowsWritten, start_beside_driver
 from .errors import SpamrayError
 from .classifier import probability_column
@@ -124,8 +124,7 @@ class Scorer:
         on_gpu = torch.cuda.is_available()
         if on_gpu:
             self.classifier.cuda()
-        if resolve_precision(precision, on_gpu) == "bf16":
-            self.classifier.to(torch.bfloat16)
+        self.classifier.set_precision(resolve_precision(precision, on_gpu))
         self.columns = [probability_column(label) for label in self.classifier.labels]
         self.model_name = model_name
         self.node = replica_node()
@@ -253,8 +252,9 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     rows_to_score = sum(rows[f.url] for f in to_score) if all(rows[f.url] is not None for f in to_score) else None
     from .scores_sink import new_run_id
 
-    run = Run(new_run_id(), table, state, to_score, rows_to_score, mode, model_version, classifier_version, max_length,
-              carried_types, keep_text, data_schema)
+    operating_point = metadata.get("operating_point") if cfg.threshold is None else None
+    run = Run(new_run_id(), table, state, to_score, rows_to_score, mode, model_version, classifier_version,
+              operating_point, max_length, carried_types, keep_text, data_schema)
     summary = ScoreSummary(run_id=run.run_id, output=table.url, table_version=state.version, files_seen=len(files),
                            threshold=threshold, files_failed=failed, files_skipped=[asdict(f) for f in skipped])
     for file in skipped:
@@ -294,6 +294,7 @@ class Run:
     mode: str  # see scores_table.RunOutput
     model_version: str  # what the table records: the classifier's version, and a --threshold given
     classifier_version: str  # what every replica must load
+    operating_point: dict | None  # the classifier's, unless --threshold replaces it
     max_length: int
     carried_types: dict[str, pa.DataType]
     keep_text: bool
@@ -317,6 +318,7 @@ def score_into_table(cfg: ScoreConfig, run: Run, summary: ScoreSummary) -> None:
         dataset, precision = scoring_pipeline(cfg, run, batch_crashes)
         logger.info(f"scoring {len(run.to_score)} of {summary.files_seen} files from {cfg.input} with {cfg.model} "
                     f"({run.model_version}), {cfg.replicas} replica(s), {precision}, into {table.url}")
+        log_operating_point(run.operating_point, precision)
         record = {"model": cfg.model, "model_version": run.model_version, "threshold": summary.threshold,
                   "precision": precision}
         sink = ScoresSink(table, run.state, run.run_id, run.model_version, run.mode, run.data_schema, run.to_score,
@@ -405,6 +407,18 @@ def scoring_pipeline(cfg: ScoreConfig, run: Run, batch_crashes):
     return dataset, precision
 
 
+def log_operating_point(point: dict | None, precision: str) -> None:
+    """The threshold this run labels at, and the false-positive rate measured for it at the
+    replicas' precision when calibration measured one."""
+    if not point:
+        return
+    measured = (point.get("heldout_false_positive_rates") or {}).get(precision)
+    rate = (f"held-out false-positive rate at {precision} {measured:.2%}" if measured is not None
+            else f"no held-out false-positive rate measured at {precision} (run `spamray calibrate` again to measure it)")
+    logger.info(f"labels at the operating point: {point['positive']!r} when p >= {point['threshold']:.4f} (target "
+                f"false-positive rate {point['target_fpr']:.2%}; {rate})")
+
+
 def replica_node() -> str:
     """The Ray node this process runs on ("local" outside Ray): the run summary names them."""
     import ray
@@ -415,8 +429,8 @@ def replica_node() -> str:
 def resolve_precision(precision: str, on_gpu: bool) -> str:
     """`auto` is bf16 on a GPU (tensor cores; labels as fp32's on 99.75% of messages measured) and
     fp32 on a CPU (without bf16 matrix units, bf16 only adds conversions there)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"unknown precision {precision!r}; choose {', '.join(PRECISION_CHOICES)}")
     return ("bf16" if on_gpu else "fp32") if precision == "auto" else precision
 
 

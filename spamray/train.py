@@ -220,8 +220,8 @@ def train_loop_per_worker(config: dict) -> None:
         history["train_accs"].append(train_acc)
         history["val_accs"].append(val_acc)
         state["epoch"] = epoch + 1
-        metrics = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "train_accuracy": train_acc,
-                   "val_accuracy": val_acc, "examples_seen": state["examples_seen"],
+        metrics = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "train_argmax_accuracy": train_acc,
+                   "val_argmax_accuracy": val_acc, "examples_seen": state["examples_seen"],
                    "global_step": state["global_step"], "resumed_from_epoch": state["resumed_from_epoch"],
                    "examples_per_second": examples_per_second}
         if epoch + 1 == cfg.epochs:
@@ -314,7 +314,7 @@ def train(cfg: TrainConfig) -> dict:
     if storage.exists(cfg.output) and not cfg.overwrite:
         raise FileExistsError(f"{cfg.output} already exists; choose another --output or pass --overwrite")
     probe = build_classifier(cfg, labels)  # fails here, before any Ray work, on bad weights or options
-    check_calibration_data(cfg.data, labels, cfg.target_fpr)
+    check_calibration_data(cfg.data, labels, cfg.target_fpr, cfg.prior)
     logger.info(f"model: {cfg.weights} ({probe.cfg.emb_dim}-wide, {probe.cfg.n_layers} blocks), trainable {cfg.trainable}: "
         f"{count_parameters(probe, trainable_only=True):,} of {count_parameters(probe):,} parameters")
     pad_to = longest_training_example(cfg.data, probe.max_length) if cfg.padding == "longest" else None
@@ -352,12 +352,32 @@ def train(cfg: TrainConfig) -> dict:
         final_state = torch.load(Path(folder) / STATE_FILE, weights_only=True)
     history = final_state["history"]
     classifier.eval()
-    calibration = calibrate(classifier, cfg.data, cfg.target_fpr)
-    metrics = {**accuracy_by_split(classifier, cfg.data), "calibration": calibration, "training": result.metrics,
-               "history": history,
-               "settings": {**asdict(cfg), "run_name": run_name, "storage_path": storage_path}}
+    record = {"training": result.metrics, "history": history,
+              "settings": {**asdict(cfg), "run_name": run_name, "storage_path": storage_path}}
+    return calibrate_and_save(classifier, cfg, record, plot_history(history, cfg.epochs, final_state["examples_seen"]))
+
+
+def calibrate_and_save(classifier: TextClassifier, cfg: TrainConfig, record: dict, extra_files: dict[str, bytes]) -> dict:
+    """Calibrates the trained classifier, then saves it with its metrics; returns them. A
+    calibration that fails loses no training: the classifier is saved uncalibrated first (it
+    labels by the most probable class), and the log says how to calibrate it."""
+    try:
+        calibration = calibrate(classifier, cfg.data, cfg.target_fpr, cfg.prior)
+    except Exception as error:
+        classifier.temperature, classifier.operating_point = 1.0, None
+        classifier.calibrated_share = classifier.prior = None
+        classifier.metrics = {**record, "calibration": {"failed": f"{type(error).__name__}: {error}"}}
+        classifier.save(cfg.output, overwrite=cfg.overwrite, extra_files=extra_files)
+        logger.error(f"training finished but calibration failed; the trained classifier is saved UNCALIBRATED to "
+                     f"{cfg.output} (labels by the most probable class). Calibrate it with: spamray calibrate "
+                     f"{cfg.output} {cfg.data}")
+        raise
+    metrics = {**accuracy_by_split(classifier, cfg.data), "calibration": calibration, **record}
     classifier.metrics = metrics
-    classifier.save(cfg.output, overwrite=cfg.overwrite, extra_files=plot_history(history, cfg.epochs, final_state["examples_seen"]))
-    logger.info("accuracy: " + ", ".join(f"{split} {metrics[f'{split}_accuracy']:.2%}" for split in ("train", "validation", "test")))
+    classifier.save(cfg.output, overwrite=cfg.overwrite, extra_files=extra_files)
+    logger.info("argmax accuracy: " + ", ".join(f"{split} {metrics[f'{split}_argmax_accuracy']:.2%}"
+                                                for split in ("train", "validation", "test"))
+                + (f"; at the operating point: test {metrics['test_accuracy_at_threshold']:.2%}"
+                   if "test_accuracy_at_threshold" in metrics else ""))
     logger.info(f"classifier saved to {cfg.output} (with loss.png and accuracy.png)")
     return metrics

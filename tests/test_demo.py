@@ -15,6 +15,16 @@ import termios
 import time
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+# A line of Ray's own: its C++ log format, its Python log format, or a line its workers forward.
+RAY_LINE = re.compile(r"\[\d{4}-\d\d-\d\d [\d:,]+ [DIWEF] \d+ \d+\] \S+:\d+:"
+                      r"|\d{4}-\d\d-\d\d [\d:,]+\s+(DEBUG|INFO|WARNING|ERROR)\s+\S+\.py:\d+ --"
+                      r"|\((raylet|pid=\d+|\w+ pid=\d+)\)")
+# The one Ray line allowed: Ray Data's actor pool passes its replicas' map function by object
+# reference, and Ray's C++ core worker says so at ERROR level on stderr, once a process
+# (ray-project/ray#53727). Ray 2.60 has no setting that moves that one line off the terminal
+# without hiding every other error: README, "What it shows on a terminal".
+ALLOWED_RAY_LINE = re.compile(r"\] core_worker\.cc:\d+: Actor with class name: 'MapWorker\(MapBatches\(Scorer\)\)' "
+                              r"and ID: '[0-9a-f]+' has constructor arguments in the object store and max_restarts > 0")
 
 
 def run_on_a_terminal(args: list[str], timeout_s: float = 600) -> tuple[int, str]:
@@ -58,7 +68,10 @@ def test_the_demo_on_a_terminal_shows_progress_bars_and_stays_short(tmp_path):
              if line.strip() and not re.match(r"^\s*(training|scoring):", ANSI.sub("", line))]
     print(f"{len(lines)} lines besides progress frames")
     assert len(lines) <= 60, "\n".join(lines)
+    ray_lines = [line for line in ANSI.sub("", output).replace("\r", "\n").split("\n") if RAY_LINE.search(line)]
+    assert all(ALLOWED_RAY_LINE.search(line) for line in ray_lines), "\n".join(ray_lines)
+    assert len(ray_lines) <= 1
     for noise in ("PlacementGroupCleaner", "RayDeprecationWarning", "tqdm is not installed", "Token authentication is",
                   "non-writable", "INFO"):
         assert noise not in output
-    assert "done in" in output and "test accuracy" in output
+    assert "done in" in output and "test argmax accuracy" in output

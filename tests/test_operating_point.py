@@ -1,12 +1,13 @@
-"""The operating-point metrics against scikit-learn on the same scores."""
+"""The operating point's own code (the threshold for a false-positive budget, the rates at it),
+temperature scaling and the prior shift, checked against scikit-learn and plain arithmetic."""
 
 import numpy as np
 import pytest
 from sklearn import metrics
 
-from spamray.operating_point import (average_precision, expected_calibration_error, fit_temperature, log_loss,
-                                     precision_recall_curve, rates_at, recall_at_fpr, roc_auc, roc_curve, softmax,
-                                     threshold_for_fpr)
+from spamray.calibrate import calibration_report, expected_calibration_error, fit_temperature
+from spamray.classifier import prior_shift, softmax
+from spamray.operating_point import rates_at, recall_at_fpr, threshold_for_fpr
 
 
 @pytest.fixture(params=[0, 1, 2])
@@ -16,16 +17,6 @@ def scored(request):
     ham, spam = rng.beta(2, 8, 2000), rng.beta(6, 2, 300)
     scores = np.round(np.r_[ham, spam], 3 if request.param == 2 else 6)
     return scores, np.r_[np.zeros(2000, int), np.ones(300, int)]
-
-
-def test_both_aucs_and_the_curves_equal_scikit_learns(scored):
-    scores, labels = scored
-    assert roc_auc(scores, labels) == pytest.approx(metrics.roc_auc_score(labels, scores), abs=1e-12)
-    assert average_precision(scores, labels) == pytest.approx(metrics.average_precision_score(labels, scores), abs=1e-12)
-    for ours, theirs in zip(roc_curve(scores, labels), metrics.roc_curve(labels, scores, drop_intermediate=False)):
-        np.testing.assert_allclose(ours, theirs)
-    for ours, theirs in zip(precision_recall_curve(scores, labels), metrics.precision_recall_curve(labels, scores)):
-        np.testing.assert_allclose(ours, theirs)
 
 
 @pytest.mark.parametrize("threshold", [0.2, 0.5, 0.8])
@@ -52,16 +43,43 @@ def test_the_chosen_threshold_is_the_lowest_that_keeps_the_false_positive_budget
     assert rates_at(below, scores, labels)["false_positive_rate"] > target or below == -np.inf
 
 
-def test_calibration_lowers_the_log_loss_of_an_over_confident_model():
+def test_a_threshold_chosen_on_float32_scores_flags_exactly_the_budget_in_float32():
+    """Scores come from the classifier as float32; a float64 threshold just above a float32
+    score rounds back onto it when compared with float32 scores (NumPy 2), flagging the message
+    it was chosen to pass."""
+    ham = np.random.default_rng(3).beta(2, 8, 2000).astype(np.float32)
+    for target in (0.001, 0.005, 0.01):
+        threshold = threshold_for_fpr(ham, target)
+        assert np.float32(threshold) == threshold  # a float32 value: compared the same at either width
+        assert int((ham >= threshold).sum()) == int(target * ham.size)  # no ties: exactly the budget
+        assert int((ham.astype(np.float64) >= threshold).sum()) == int(target * ham.size)
+
+
+def test_temperature_scaling_finds_the_minimum_and_calibrates_an_over_confident_model():
     rng = np.random.default_rng(7)
     true_logit = rng.normal(0.0, 2.0, 8000)
     labels = (rng.random(8000) < 1 / (1 + np.exp(-true_logit))).astype(int)  # calibrated at T = 1
     logits = np.c_[np.zeros(8000), true_logit] * 4.0  # four times too sure of itself
-    before = softmax(logits)
     temperature = fit_temperature(logits, labels)
-    after = softmax(logits, temperature)
     assert temperature == pytest.approx(4.0, rel=0.1)
-    assert log_loss(after, labels) < log_loss(before, labels)
-    assert log_loss(before, labels) == pytest.approx(metrics.log_loss(labels, before))
+    grid = np.exp(np.linspace(np.log(2.0), np.log(8.0), 2001))
+    losses = [metrics.log_loss(labels, softmax(logits, t)) for t in grid]
+    assert temperature == pytest.approx(grid[int(np.argmin(losses))], rel=2e-3)  # the grid's best, found
+    report = calibration_report(logits, labels, temperature)
+    assert report["log_loss_after"] < report["log_loss_before"]
+    before, after = softmax(logits), softmax(logits, temperature)
+    assert report["log_loss_before"] == pytest.approx(metrics.log_loss(labels, before))
     assert expected_calibration_error(after, labels) < expected_calibration_error(before, labels) / 2
     assert (after.argmax(axis=1) == before.argmax(axis=1)).all()  # the labels do not change
+
+
+def test_the_prior_shift_is_bayes_rule_on_the_odds():
+    # A message at even odds in a 50/50 mix is spam with the prior's probability in real traffic.
+    shifted = softmax(np.array([[0.0, 0.0]]) + [0.0, prior_shift(0.5, 0.13)])
+    assert shifted[0, 1] == pytest.approx(0.13)
+    # In general the odds are multiplied by (prior odds) / (calibration odds).
+    p, share, prior = 0.9, 0.53, 0.2
+    odds = p / (1 - p) * (prior / (1 - prior)) / (share / (1 - share))
+    moved = softmax(np.array([[0.0, np.log(p / (1 - p))]]) + [0.0, prior_shift(share, prior)])
+    assert moved[0, 1] == pytest.approx(odds / (1 + odds))
+    assert prior_shift(0.3, 0.3) == 0.0

@@ -222,7 +222,8 @@ def test_a_bf16_replica_agrees_with_fp32_and_auto_means_bf16_only_on_gpus(model_
     batch = tokenize_batch(rows, max_length=96, keep_text=False)
     fp32 = Scorer(model_url, threads=1, model_name="m", precision="fp32")(batch)
     bf16_scorer = Scorer(model_url, threads=1, model_name="m", precision="bf16")
-    assert next(bf16_scorer.classifier.parameters()).dtype == torch.bfloat16
+    assert bf16_scorer.classifier.gpt.tok_emb.weight.dtype == torch.bfloat16
+    assert bf16_scorer.classifier.gpt.out_head.weight.dtype == torch.float32  # the decision in fp32
     bf16 = bf16_scorer(batch)
     p32, p16 = fp32["p_spam"].to_numpy(), bf16["p_spam"].to_numpy()
     assert 0 < abs(p32 - p16).max() < 0.02  # bf16 really ran, and stayed close

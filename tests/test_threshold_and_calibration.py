@@ -15,7 +15,7 @@ import spamray
 from spamray import TextClassifier
 from spamray.cli import main
 from spamray.config import ScoreConfig
-from spamray.operating_point import OperatingPoint, softmax
+from spamray.operating_point import OperatingPoint
 from spamray.score import score
 from spamray.scores_table import ScoresTable
 
@@ -64,16 +64,21 @@ def test_calibrate_then_evaluate_a_spam_filter(trained_enough, prepared_sms, tmp
     texts = ["WINNER!! claim your free prize now, call 09061701461", "ok see you at 5", "Free entry to win a cash prize"]
     logits = before.logits_token_ids(before.encode(texts))
     for text, prediction, row in zip(texts, calibrated.predict(texts), logits):
-        probs = softmax(row[None, :], calibrated.temperature)[0]
+        probs = np.exp(row / calibrated.temperature) / np.exp(row / calibrated.temperature).sum()
         assert prediction.probs["spam"] == pytest.approx(probs[1], abs=1e-6)
-        assert prediction.label == ("spam" if probs[1] >= point.threshold else "not spam")
+        assert prediction.label == ("spam" if prediction.probs["spam"] >= point.threshold else "not spam")
 
     capsys.readouterr()
     curves = tmp_path / "curves"
     assert main(["evaluate", out, prepared_sms, "--output", str(curves)]) == 0
     printed = capsys.readouterr().out
     assert "ROC AUC" in printed and "heldout_test: false-positive rate" in printed and "calibration (temperature" in printed
+    assert "probabilities: calibrated for the validation split's mix" in printed
     report = json.loads((curves / "evaluation.json").read_text())
+    # The two accuracies, named apart: the book's (most probable label) and the operating point's.
+    assert report["accuracy_at_threshold"] < report["argmax_accuracy"]  # a threshold for 1% FPR flags less spam
+    assert f"accuracy {report['argmax_accuracy']:.2%} by the most probable label (argmax_accuracy), " \
+           f"{report['accuracy_at_threshold']:.2%} at the operating point (accuracy_at_threshold)" in printed
     binary = report["binary"]
     assert binary["heldout_test"]["messages"] == 2040 and 0 <= binary["heldout_test"]["false_positive_rate"] <= 0.05
     assert 0.5 < binary["roc_auc"] <= 1 and set(binary["recall_at_false_positive_rate"]) == {"0.001", "0.005", "0.01"}
@@ -189,3 +194,69 @@ def test_an_operating_point_that_cannot_be_chosen_fails_before_training_and_none
         str(tmp_path / "model"))
     assert main(["calibrate", str(tmp_path / "model"), data, "--target-fpr", "none"]) == 0
     assert TextClassifier.load(str(tmp_path / "model")).operating_point is None
+
+
+# -- the threshold at the replicas' precision --------------------------------------------------------
+def test_the_false_positive_rate_is_measured_at_each_precision_and_every_path_labels_alike(
+        trained_enough, prepared_sms, tmp_path, capsys, caplog):
+    """bf16 replicas keep the final LayerNorm and the head in fp32; calibrate measures the held-out
+    rate at fp32 and at bf16 (emulated on this CPU), and evaluate and a scoring replica at that
+    precision flag exactly the messages calibrate counted."""
+    import pandas as pd
+
+    from spamray.calibrate import at_precision
+    from spamray.score import Scorer, tokenize_batch
+
+    model = str(tmp_path / "model")
+    assert main(["calibrate", trained_enough, prepared_sms, "--target-fpr", "0.01", "--output", model]) == 0
+    logged = caplog.text
+    classifier = TextClassifier.load(model)
+    point = classifier.operating_point
+    rates = point.heldout_false_positive_rates
+    assert set(rates) == {"fp32", "bf16"} and f"{rates['fp32']:.2%} at fp32, {rates['bf16']:.2%} at bf16" in logged
+    record = classifier.metrics["calibration"]["heldout_test"]
+    assert record["false_positive_rate_by_precision"] == rates and record["messages"] == 2040
+
+    bf16 = at_precision(classifier, "bf16")
+    assert classifier.precision == "fp32" and bf16 is not classifier  # a copy: the fp32 weights stay whole
+    assert bf16.gpt.trf_blocks[0].att.qkv.weight.dtype == torch.bfloat16
+    assert bf16.gpt.final_norm.weight.dtype == bf16.gpt.out_head.weight.dtype == torch.float32
+    heldout = pd.read_parquet(f"{prepared_sms}/heldout_test.parquet")
+    legitimate = heldout.loc[heldout["label_name"] != "spam", "text"].tolist()
+    for precision, replica in (("fp32", classifier), ("bf16", bf16)):
+        flagged = [p.label == "spam" for p in replica.predict(legitimate)]
+        assert np.mean(flagged) == rates[precision]
+        # evaluate at that precision reports the same rate, naming it
+        assert main(["evaluate", model, prepared_sms, "--precision", precision]) == 0
+        assert f"heldout_test: false-positive rate {rates[precision]:.2%} at {precision}" in capsys.readouterr().out
+        # a scoring replica at that precision labels these messages as predict() does
+        scorer = Scorer(model, threads=1, model_name="m", precision=precision)
+        batch = tokenize_batch(pa.table({"text": legitimate[:500], "status": pa.nulls(500, pa.string())}),
+                               max_length=classifier.max_length, keep_text=False)
+        assert (scorer(batch)["label"].to_numpy() == "spam").tolist() == flagged[:500]
+
+
+def test_a_prior_moves_the_probabilities_but_not_the_labels_at_the_operating_point(trained_enough, prepared_sms,
+                                                                                   tmp_path, capsys):
+    import pandas as pd
+
+    plain, shifted = str(tmp_path / "plain"), str(tmp_path / "shifted")
+    assert main(["calibrate", trained_enough, prepared_sms, "--output", plain]) == 0
+    assert main(["calibrate", trained_enough, prepared_sms, "--prior", "0.13", "--output", shifted]) == 0
+    a, b = TextClassifier.load(plain), TextClassifier.load(shifted)
+    validation = pd.read_parquet(f"{prepared_sms}/validation.parquet")
+    assert a.calibrated_share == b.calibrated_share == pytest.approx((validation["label_name"] == "spam").mean())
+    assert (a.prior, b.prior) == (None, 0.13)
+    texts = pd.read_parquet(f"{prepared_sms}/heldout_test.parquet")["text"].tolist()[:800] + \
+        pd.read_parquet(f"{prepared_sms}/test.parquet")["text"].tolist()
+    pa_, pb = a.predict(texts), b.predict(texts)
+    assert [p.label for p in pa_] == [p.label for p in pb]  # the operating point flags the same messages
+    assert sum(p.label == "spam" for p in pa_) > 50
+    assert all(q.probs["spam"] <= p.probs["spam"] + 1e-6 for p, q in zip(pa_, pb))  # less spam in real traffic
+    assert b.operating_point.threshold < a.operating_point.threshold
+    assert b.operating_point.heldout_false_positive_rates == a.operating_point.heldout_false_positive_rates
+    capsys.readouterr()
+    assert main(["evaluate", shifted, prepared_sms]) == 0
+    assert f"shifted to --prior 13.0% 'spam'" in capsys.readouterr().out
+    assert main(["calibrate", trained_enough, prepared_sms, "--prior", "1.3", "--output", plain]) == 1
+    assert "--prior 1.3 must be a share strictly between 0 and 1" in capsys.readouterr().err

@@ -48,7 +48,7 @@ def scoring(texts: list[str], peak: float) -> None:
     token_lists = spamray.get_tokenizer().encode_batch(texts)
     flops = forward_flops(classifier.cfg, [len(t) for t in token_lists])
     fp32 = classifier.cuda().score_token_ids(token_lists[:2000])
-    classifier.to(torch.bfloat16)
+    classifier.set_precision("bf16")  # as a bf16 scoring replica: final LayerNorm and head in fp32
     print(f"scoring {len(texts):,} messages, {sum(map(len, token_lists)):,} tokens")
     for tokens, rows in ((16384, 512), (65536, 2048), (262144, 8192)):
         run = lambda: classifier.score_token_ids(token_lists, max_batch_tokens=tokens, max_batch_rows=rows)  # noqa: E731

@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
-from safetensors.torch import load_file, save_file
 
 from . import storage
 from .errors import SpamrayError
@@ -39,12 +38,11 @@ from .plots import plot_history
 from .progress import Progress
 from .prepare import prepared_digest, read_prepared_labels, split_url
 from .tokenizer import get_tokenizer
+from .train_checkpoint import read_checkpoint, read_newest_whole, write_checkpoint
 from .weights import load_gpt2
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE = "model.safetensors"
-STATE_FILE = "train_state.pt"
 POST_PROGRESS_EVERY_S = 0.5
 
 
@@ -161,11 +159,12 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     saved_optimizer = None
     if checkpoint:
-        with checkpoint.as_directory() as folder:
-            classifier.load_state_dict(load_file(Path(folder) / MODEL_FILE))
-            saved = torch.load(Path(folder) / STATE_FILE, weights_only=True)
+        tensors, saved, warning = read_newest_whole(checkpoint)
+        classifier.load_state_dict(tensors)
         saved_optimizer = saved.pop("optimizer")
         state = {**saved, "resumed_from_epoch": saved["epoch"]}
+        if warning:  # kept in the state, so that every later report (and the driver) carries it
+            state["checkpoint_warnings"] = [*state.get("checkpoint_warnings", []), warning]
 
     model = ray.train.torch.prepare_model(classifier)
     device = ray.train.torch.get_device()
@@ -188,6 +187,7 @@ def train_loop_per_worker(config: dict) -> None:
     recent = deque(maxlen=cfg.eval_iter)  # the latest training batches, to estimate train loss
     if state["epoch"] >= cfg.epochs:  # the run had finished: hand its final state back as the result
         metrics = {key: state[key] for key in ("epoch", "examples_seen", "global_step", "resumed_from_epoch")}
+        metrics["checkpoint_warnings"] = state.get("checkpoint_warnings", [])
         report_with_checkpoint({**metrics, "replica_digests": gather_digests(classifier)}, classifier, optimizer,
                                state, is_rank_zero=is_rank_zero)
         return
@@ -223,7 +223,8 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "train_argmax_accuracy": train_acc,
                    "val_argmax_accuracy": val_acc, "examples_seen": state["examples_seen"],
                    "global_step": state["global_step"], "resumed_from_epoch": state["resumed_from_epoch"],
-                   "examples_per_second": examples_per_second}
+                   "examples_per_second": examples_per_second,
+                   "checkpoint_warnings": state.get("checkpoint_warnings", [])}
         if epoch + 1 == cfg.epochs:
             metrics["replica_digests"] = gather_digests(classifier)
         report_with_checkpoint(metrics, classifier, optimizer, state, is_rank_zero=is_rank_zero)
@@ -245,8 +246,7 @@ def report_with_checkpoint(metrics: dict, classifier: TextClassifier, optimizer,
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if is_rank_zero:  # replicas are identical; one copy is enough
-            save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, Path(folder) / MODEL_FILE)
-            torch.save({**state, "optimizer": optimizer.state_dict()}, Path(folder) / STATE_FILE)
+            write_checkpoint(Path(folder), classifier.state_dict(), {**state, "optimizer": optimizer.state_dict()})
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -273,6 +273,20 @@ def showing_progress(board, progress: Progress, epochs: int, every_s: float = 0.
         stop.set()
         watcher.join()
         progress.close()
+
+
+def training_datasets(data: str) -> dict:
+    """The train and validation splits as Ray datasets whose blocks this driver put in the
+    object store: they live on the driver's node, and no task made them. A read task's blocks on
+    a worker node that is lost must be rebuilt by running the read again, and a read asks for a
+    CPU, which the training workers hold (on a cluster whose head runs no work, all of them):
+    nothing could run it, and the workers would wait for their data until --data-timeout-s.
+    The splits are small (the book's train split is 1,045 messages); the driver reads them once."""
+    import pandas as pd
+    import ray.data
+
+    return {name: ray.data.from_pandas(pd.read_parquet(split_url(data, name), columns=["text", "label"]))
+            for name in ("train", "validation")}
 
 
 def default_run_name(cfg: TrainConfig, data_digest: str) -> str:
@@ -324,9 +338,7 @@ def train(cfg: TrainConfig) -> dict:
     run_name = cfg.run_name or default_run_name(cfg, prepared_digest(cfg.data))
     storage_path = cfg.storage_path or str(Path.home() / "ray_results")
     check_storage_path(cfg.storage_path, sum(node["Alive"] for node in ray.nodes()), cfg.shared_storage)
-    # Materialized, the small splits need no CPU of their own while the workers hold every core.
-    datasets = {name: ray.data.read_parquet(split_url(cfg.data, name)).select_columns(["text", "label"]).materialize()
-                for name in ("train", "validation")}
+    datasets = training_datasets(cfg.data)
     progress_board = start_beside_driver(ProgressBoard)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -346,10 +358,11 @@ def train(cfg: TrainConfig) -> dict:
     ray.kill(progress_board)
     if result.error:
         raise result.error
+    for warning in result.metrics.get("checkpoint_warnings", []):
+        logger.warning(warning)
     classifier = build_classifier(cfg, labels)
-    with result.checkpoint.as_directory() as folder:
-        classifier.load_state_dict(load_file(Path(folder) / MODEL_FILE))
-        final_state = torch.load(Path(folder) / STATE_FILE, weights_only=True)
+    tensors, final_state = read_checkpoint(result.checkpoint)
+    classifier.load_state_dict(tensors)
     history = final_state["history"]
     classifier.eval()
     record = {"training": result.metrics, "history": history,

@@ -23,7 +23,7 @@ from .model import GPTConfig, GPTModel
 from .operating_point import OperatingPoint, default_positive
 from .tokenizer import get_tokenizer
 
-POOLINGS = ("last_token", "last", "mean")
+POOLINGS = ("last_token", "last", "first", "mean")
 PRECISIONS = ("fp32", "bf16")  # what a classifier computes in (set_precision)
 
 # Tokens and rows per model batch. A CPU's matrix products run near full speed from a few hundred
@@ -47,7 +47,8 @@ class Prediction:
 
 
 class TextClassifier(nn.Module):
-    def __init__(self, gpt: GPTModel, labels: Sequence[str], pooling: str = "last_token", max_length: int | None = None):
+    def __init__(self, gpt: GPTModel, labels: Sequence[str], pooling: str = "last_token", max_length: int | None = None,
+                 causal: bool = True, pad_to: int | None = None):
         super().__init__()
         labels = [str(label) for label in labels]
         if len(labels) < 2 or len(set(labels)) != len(labels):
@@ -69,6 +70,14 @@ class TextClassifier(nn.Module):
         self.labels = labels
         self.pooling = pooling
         self.max_length = max_length
+        # GPT-2 attends causally; False lets every position attend to the whole message (never
+        # to padding), an experiment of the book's.
+        self.causal = causal
+        # `last` pooling reads the final padded position, so what it returns depends on the
+        # padding: rows are padded to the length training padded them to, where it had one.
+        if pad_to is not None and (pooling != "last" or pad_to != max_length):
+            raise ValueError(f"pad_to {pad_to} applies to `last` pooling, and equals its max_length ({max_length})")
+        self.pad_to = pad_to
         self.metrics: dict = {}
         self.trainable = "all"
         self.temperature = 1.0  # probabilities are softmax(logits / temperature): see calibrate()
@@ -84,9 +93,10 @@ class TextClassifier(nn.Module):
 
     @classmethod
     def from_gpt2(cls, model: GPTModel, labels: Sequence[str], pooling: str = "last_token",
-                  trainable: str = "last_block", max_length: int | None = None) -> "TextClassifier":
+                  trainable: str = "last_block", max_length: int | None = None, causal: bool = True,
+                  pad_to: int | None = None) -> "TextClassifier":
         """Takes over `model` (its LM head is replaced in place) and sets what will train."""
-        classifier = cls(model, labels, pooling=pooling, max_length=max_length)
+        classifier = cls(model, labels, pooling=pooling, max_length=max_length, causal=causal, pad_to=pad_to)
         classifier.set_trainable(trainable)
         return classifier
 
@@ -142,14 +152,18 @@ class TextClassifier(nn.Module):
         batch, tokens = token_ids.shape
         if lengths is None:
             lengths = torch.full((batch,), tokens, dtype=torch.long, device=token_ids.device)
+        real = torch.arange(tokens, device=token_ids.device) < lengths[:, None]  # [B, T]: not padding
+        attention = {"causal": self.causal, "key_mask": None if self.causal else real}
         if self.pooling == "mean":
-            hidden = self.gpt.hidden_states(token_ids)
-            mask = (torch.arange(tokens, device=token_ids.device) < lengths[:, None]).unsqueeze(-1)
+            hidden = self.gpt.hidden_states(token_ids, **attention)
+            mask = real.unsqueeze(-1)
             pooled = (hidden * mask).sum(dim=1) / lengths.clamp(min=1)[:, None].to(hidden.dtype)
         else:
-            # `last` reads the final position, padding or not (the book); `last_token` the last real token.
-            positions = torch.full_like(lengths, tokens - 1) if self.pooling == "last" else lengths - 1
-            pooled = self.gpt.hidden_states(token_ids, query_positions=positions)[:, 0]
+            # `last` reads the final position, padding or not (the book); `last_token` the last
+            # real token; `first` the first (exercise 6.3: causally it has seen only itself).
+            positions = {"last": torch.full_like(lengths, tokens - 1), "last_token": lengths - 1,
+                         "first": torch.zeros_like(lengths)}[self.pooling]
+            pooled = self.gpt.hidden_states(token_ids, query_positions=positions, **attention)[:, 0]
         return self.gpt.out_head(pooled.to(self.gpt.out_head.weight.dtype))
 
     # -- scoring --------------------------------------------------------------------------
@@ -177,7 +191,7 @@ class TextClassifier(nn.Module):
         max_batch_tokens, max_batch_rows = max_batch_tokens or default_tokens, max_batch_rows or default_rows
         logits = np.empty((len(batch), len(self.labels)), dtype=np.float32)
         for rows in length_buckets([len(ids) for ids in batch], max_batch_tokens, max_batch_rows):
-            token_ids, lengths = pad_rows([batch[row] for row in rows], self.max_length)
+            token_ids, lengths = pad_rows([batch[row] for row in rows], self.max_length, self.pad_to)
             logits[rows] = self(torch.from_numpy(token_ids).to(device), torch.from_numpy(lengths).to(device)).float().cpu().numpy()
         return logits
 
@@ -231,6 +245,8 @@ class TextClassifier(nn.Module):
             "labels": self.labels,
             "pooling": self.pooling,
             "max_length": self.max_length,
+            "causal_mask": self.causal,
+            "pad_to": self.pad_to,
             "trainable": self.trainable,
             "metrics": self.metrics,
             "temperature": self.temperature,
@@ -247,7 +263,8 @@ class TextClassifier(nn.Module):
         try:
             cfg = GPTConfig.from_dict(metadata["model_config"])
             with torch.device("meta"):
-                skeleton = cls(GPTModel(cfg), metadata["labels"], metadata["pooling"], metadata["max_length"])
+                skeleton = cls(GPTModel(cfg), metadata["labels"], metadata["pooling"], metadata["max_length"],
+                               causal=metadata.get("causal_mask", True), pad_to=metadata.get("pad_to"))
         except (KeyError, TypeError, ValueError) as error:
             raise saved.SavedClassifierError(f"{url}: {saved.METADATA_FILE} does not describe a valid classifier ({error})") from error
         expected = {name: (tuple(t.shape), t.dtype) for name, t in skeleton.state_dict().items()}
@@ -269,7 +286,10 @@ class TextClassifier(nn.Module):
 
     def fingerprint(self) -> str:
         """A short hash of the weights and settings: names the model version in outputs."""
-        digest = hashlib.sha256(json.dumps([self.cfg.to_dict(), self.labels, self.pooling, self.max_length]).encode())
+        settings = [self.cfg.to_dict(), self.labels, self.pooling, self.max_length]
+        if not self.causal or self.pad_to:  # (classifiers of the default settings keep their fingerprints)
+            settings += [self.causal, self.pad_to]
+        digest = hashlib.sha256(json.dumps(settings).encode())
         for name, tensor in sorted(self.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().float().cpu().numpy().tobytes())
@@ -304,8 +324,9 @@ def length_buckets(lengths: Sequence[int], max_batch_tokens: int, max_batch_rows
         start = end
 
 
-def pad_rows(rows: Sequence[Sequence[int]], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+def pad_rows(rows: Sequence[Sequence[int]], max_length: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded token ids and true lengths: to the longest row, or to `length`."""
     for ids in rows:
         if not 1 <= len(ids) <= max_length:
             raise ValueError(f"a row has {len(ids)} tokens; each must have 1 to {max_length} (encode() truncates)")
-    return get_tokenizer().pad(rows)
+    return get_tokenizer().pad(rows, length=length)

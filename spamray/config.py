@@ -57,9 +57,18 @@ class TrainConfig:
                                 "(gpt2-small/medium/large/xl, gpt2-mini, gpt2-tiny)")
     trainable: str = option("last_block", "head, last_block (the book), last_n_blocks:K, all, lora:RANK")
     pooling: str = option("last_token", "last_token (last non-padding token), last (last position, the "
-                          "book), mean", choices=["last_token", "last", "mean"])
-    padding: str = option("batch", "pad each batch to its longest message (batch) or every batch to the "
-                          "longest training message (longest, the book)", choices=["batch", "longest"])
+                          "book; depends on padding), first (first token, exercise 6.3: with the causal mask it "
+                          "sees only itself), mean (non-padding tokens)",
+                          choices=["last_token", "last", "first", "mean"])
+    padding: str = option("batch", "pad each batch to its longest message (batch), every batch to the longest "
+                          "training message (longest, the book) or to --max-length / the context length (context, "
+                          "exercise 6.1); only `last` pooling reads the padding, the others give the same "
+                          "predictions under any padding", choices=["batch", "longest", "context"])
+    causal_mask: bool = option(True, "attend causally, as GPT-2 was trained; --no-causal-mask lets every position "
+                               "attend to the whole message (never to padding, so predictions stay independent of "
+                               "it), one of the book's experiments; saved with the classifier")
+    grad_accumulation: int = option(1, "add the gradients of this many batches before each optimizer step (the "
+                                    "book's experiment: --batch-size 1 --grad-accumulation 8)")
     max_length: int | None = option(None, "truncate messages to this many tokens (default: the context length)")
     drop_rate: float = option(0.0, "dropout while fine-tuning")
     learning_rate: float = option(5e-5, "AdamW learning rate")

@@ -77,21 +77,31 @@ class MultiHeadAttention(nn.Module):
         batch, tokens, _ = x.shape
         return x.view(batch, tokens, self.n_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, query_positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Causal self-attention; with `query_positions` ([B]) only those rows are computed."""
+    def forward(self, x: torch.Tensor, query_positions: torch.Tensor | None = None, causal: bool = True,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attention, causal (GPT-2) or over the whole message (`causal=False`: each position
+        sees every real token, `key_mask` [B, T] marking them, never the padding); with
+        `query_positions` ([B]) only those rows are computed."""
         batch, tokens, emb_dim = x.shape
         queries, keys, values = self.qkv(x).split(emb_dim, dim=-1)
         keys, values = self._heads(keys), self._heads(values)
         dropout = self.drop_rate if self.training else 0.0
         if query_positions is None:
-            context = F.scaled_dot_product_attention(
-                self._heads(queries), keys, values, dropout_p=dropout, is_causal=True
-            )
+            if causal:
+                context = F.scaled_dot_product_attention(self._heads(queries), keys, values, dropout_p=dropout,
+                                                         is_causal=True)
+            else:
+                mask = None if key_mask is None else key_mask[:, None, None, :]
+                context = F.scaled_dot_product_attention(self._heads(queries), keys, values, attn_mask=mask,
+                                                         dropout_p=dropout)
         else:
             rows = torch.arange(batch, device=x.device)
             queries = self._heads(queries[rows, query_positions].unsqueeze(1))
-            # A query at position p sees keys 0..p, as the causal mask would give it.
-            visible = torch.arange(tokens, device=x.device) <= query_positions[:, None]
+            if causal:  # a query at position p sees keys 0..p, as the causal mask would give it
+                visible = torch.arange(tokens, device=x.device) <= query_positions[:, None]
+            else:
+                visible = key_mask if key_mask is not None else torch.ones(batch, tokens, dtype=torch.bool,
+                                                                           device=x.device)
             context = F.scaled_dot_product_attention(
                 queries, keys, values, attn_mask=visible[:, None, None, :], dropout_p=dropout
             )
@@ -119,12 +129,13 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
         self.ff = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, query_positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, query_positions: torch.Tensor | None = None, causal: bool = True,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
         if query_positions is None:
-            x = x + self.att(self.norm1(x))
+            x = x + self.att(self.norm1(x), causal=causal, key_mask=key_mask)
         else:
             shortcut = x[torch.arange(x.shape[0], device=x.device), query_positions].unsqueeze(1)
-            x = shortcut + self.att(self.norm1(x), query_positions)
+            x = shortcut + self.att(self.norm1(x), query_positions, causal=causal, key_mask=key_mask)
         return x + self.ff(self.norm2(x))
 
 
@@ -149,19 +160,21 @@ class GPTModel(nn.Module):
                 f"{token_ids.shape[1]} tokens exceed the context length {self.cfg.context_length}; truncate first"
             )
 
-    def hidden_states(self, token_ids: torch.Tensor, query_positions: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, token_ids: torch.Tensor, query_positions: torch.Tensor | None = None,
+                      causal: bool = True, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final-LayerNorm outputs [B, T, D], or [B, 1, D] at `query_positions` only.
 
         Reading one position per row lets the last block skip every other row: the earlier
         blocks must still run in full, since later positions attend to all earlier ones.
+        `causal=False` lets every position attend to every real token (`key_mask`).
         """
         self._check_ids(token_ids)
         positions = torch.arange(token_ids.shape[1], device=token_ids.device)
         x = self.drop_emb(self.tok_emb(token_ids) + self.pos_emb(positions))
         *early_blocks, last_block = self.trf_blocks
         for block in early_blocks:
-            x = block(x)
-        x = last_block(x, query_positions)
+            x = block(x, causal=causal, key_mask=key_mask)
+        x = last_block(x, query_positions, causal=causal, key_mask=key_mask)
         return self.final_norm(x.to(self.final_norm.weight.dtype))  # fp32 on bf16 blocks: set_precision
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:

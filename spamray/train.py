@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 POST_PROGRESS_EVERY_S = 0.5
 
 
-def build_classifier(cfg: TrainConfig, labels: list[str]) -> TextClassifier:
+def build_classifier(cfg: TrainConfig, labels: list[str], pad_to: int | None = None) -> TextClassifier:
     gpt = load_gpt2(cfg.weights, cfg.preset, revision=cfg.weights_revision)
     if cfg.drop_rate:
         for module in gpt.modules():
@@ -54,7 +54,11 @@ def build_classifier(cfg: TrainConfig, labels: list[str]) -> TextClassifier:
                 module.p = cfg.drop_rate
         for block in gpt.trf_blocks:
             block.att.drop_rate = cfg.drop_rate
-    return TextClassifier.from_gpt2(gpt, labels, pooling=cfg.pooling, trainable=cfg.trainable, max_length=cfg.max_length)
+    # `last` pooling reads the padded end: its classifier keeps training's length for every message,
+    # longer ones cut to it (the book's validation and test), so scoring reads the same position.
+    max_length = pad_to if cfg.pooling == "last" and pad_to else cfg.max_length
+    return TextClassifier.from_gpt2(gpt, labels, pooling=cfg.pooling, trainable=cfg.trainable, max_length=max_length,
+                                    causal=cfg.causal_mask, pad_to=pad_to if cfg.pooling == "last" else None)
 
 
 class TokenizeAndPad(NumpyBatchCollateFn):
@@ -64,7 +68,8 @@ class TokenizeAndPad(NumpyBatchCollateFn):
         self.max_length, self.pad_to = max_length, pad_to
 
     def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        rows = get_tokenizer().encode_batch(list(batch["text"]), max_length=self.max_length)
+        # Padded to a fixed length, longer messages are cut to it (the book's validation and test).
+        rows = get_tokenizer().encode_batch(list(batch["text"]), max_length=self.pad_to or self.max_length)
         ids, lengths = get_tokenizer().pad(rows, length=self.pad_to)
         return torch.from_numpy(ids), torch.from_numpy(lengths), torch.tensor(batch["label"], dtype=torch.long)
 
@@ -153,7 +158,7 @@ def train_loop_per_worker(config: dict) -> None:
     is_rank_zero, last_post = context.get_world_rank() == 0, 0.0
     torch.set_num_threads(cfg.cpus_per_worker)
     torch.manual_seed(cfg.seed)
-    classifier = build_classifier(cfg, labels)
+    classifier = build_classifier(cfg, labels, pad_to)
     state = {"epoch": 0, "global_step": -1, "examples_seen": 0, "resumed_from_epoch": 0,
              "history": {"train_losses": [], "val_losses": [], "examples_seen": [], "train_accs": [], "val_accs": []}}
     checkpoint = ray.train.get_checkpoint()
@@ -197,11 +202,8 @@ def train_loop_per_worker(config: dict) -> None:
         batches = train_shard.iter_torch_batches(batch_size=cfg.batch_size, collate_fn=collate, device="cpu",
                                                  drop_last=True, local_shuffle_buffer_size=4096,
                                                  local_shuffle_seed=cfg.seed + epoch)
-        for batch in arriving_within(batches, cfg.data_timeout_s, "training"):
-            optimizer.zero_grad()
-            loss, _ = batch_loss(model, batch, device)
-            loss.backward()
-            optimizer.step()
+        for batch, loss in training_steps(model, optimizer, arriving_within(batches, cfg.data_timeout_s, "training"),
+                                          device, cfg.grad_accumulation):
             recent.append(batch)
             state["examples_seen"] += len(batch[2]) * world
             state["global_step"] += 1
@@ -228,6 +230,30 @@ def train_loop_per_worker(config: dict) -> None:
         if epoch + 1 == cfg.epochs:
             metrics["replica_digests"] = gather_digests(classifier)
         report_with_checkpoint(metrics, classifier, optimizer, state, is_rank_zero=is_rank_zero)
+
+
+def training_steps(model, optimizer, batches: Iterable, device, accumulation: int = 1) -> Iterator:
+    """Yields (batch, loss) as each batch is learnt from: gradients of loss / `accumulation`
+    add up over `accumulation` batches, then one optimizer step (and one after the last batch
+    if some are left), the same update as one batch that many times larger. Between steps a
+    DDP model skips its gradient all-reduce (`no_sync`)."""
+    pending = 0
+    optimizer.zero_grad()
+    for batch in batches:
+        pending += 1
+        stepping = pending == accumulation
+        skip_sync = model.no_sync() if hasattr(model, "no_sync") and not stepping else contextlib.nullcontext()
+        with skip_sync:
+            loss, _ = batch_loss(model, batch, device)
+            (loss / accumulation).backward()
+        if stepping:
+            optimizer.step()
+            optimizer.zero_grad()
+            pending = 0
+        yield batch, loss
+    if pending:
+        optimizer.step()
+        optimizer.zero_grad()
 
 
 def gather_digests(model: torch.nn.Module) -> list[str]:
@@ -327,11 +353,18 @@ def train(cfg: TrainConfig) -> dict:
     labels = read_prepared_labels(cfg.data)
     if storage.exists(cfg.output) and not cfg.overwrite:
         raise FileExistsError(f"{cfg.output} already exists; choose another --output or pass --overwrite")
+    if cfg.grad_accumulation < 1:
+        raise ValueError(f"--grad-accumulation {cfg.grad_accumulation}: give the number of batches per optimizer "
+                         "step, 1 or more")
     probe = build_classifier(cfg, labels)  # fails here, before any Ray work, on bad weights or options
     check_calibration_data(cfg.data, labels, cfg.target_fpr, cfg.prior)
     logger.info(f"model: {cfg.weights} ({probe.cfg.emb_dim}-wide, {probe.cfg.n_layers} blocks), trainable {cfg.trainable}: "
         f"{count_parameters(probe, trainable_only=True):,} of {count_parameters(probe):,} parameters")
-    pad_to = longest_training_example(cfg.data, probe.max_length) if cfg.padding == "longest" else None
+    pad_to = None  # --padding batch: each batch to its own longest message
+    if cfg.padding == "longest":
+        pad_to = longest_training_example(cfg.data, probe.max_length)
+    elif cfg.padding == "context":
+        pad_to = probe.max_length
     del probe
 
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
@@ -360,7 +393,7 @@ def train(cfg: TrainConfig) -> dict:
         raise result.error
     for warning in result.metrics.get("checkpoint_warnings", []):
         logger.warning(warning)
-    classifier = build_classifier(cfg, labels)
+    classifier = build_classifier(cfg, labels, pad_to)
     tensors, final_state = read_checkpoint(result.checkpoint)
     classifier.load_state_dict(tensors)
     history = final_state["history"]

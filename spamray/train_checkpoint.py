@@ -14,7 +14,6 @@ a resume's `torch.load` then fails with "file read failed".
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import posixpath
@@ -25,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import SpamrayError
+from .weights import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], state: dict
     """Weights and training state into `folder`, then the manifest that vouches for them."""
     save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, folder / MODEL_FILE)
     torch.save(state, folder / STATE_FILE)
-    manifest = {"epoch": state["epoch"], "sha256": {name: file_digest(folder / name) for name in (MODEL_FILE, STATE_FILE)}}
+    manifest = {"epoch": state["epoch"], "sha256": {name: file_sha256(folder / name) for name in (MODEL_FILE, STATE_FILE)}}
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
@@ -61,7 +61,7 @@ def check_whole(folder: Path, where: str) -> None:
     for name, digest in json.loads(manifest.read_text())["sha256"].items():
         if not (folder / name).exists():
             raise CheckpointNotWhole(f"checkpoint {where} lacks {name}, which its {MANIFEST_FILE} names")
-        if file_digest(folder / name) != digest:
+        if file_sha256(folder / name) != digest:
             raise CheckpointNotWhole(f"checkpoint {where}: {name} differs from its digest in {MANIFEST_FILE} "
                                      "(cut short or changed after it was written)")
 
@@ -96,11 +96,3 @@ def earlier_checkpoints(checkpoint) -> list:
                    reverse=True)
     return [Checkpoint(posixpath.join(run_folder, name), filesystem=checkpoint.filesystem)
             for name in names if name.startswith("checkpoint_") and name < latest]
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

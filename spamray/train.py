@@ -251,9 +251,22 @@ def training_steps(model, optimizer, batches: Iterable, device, accumulation: in
             optimizer.zero_grad()
             pending = 0
         yield batch, loss
-    if pending:
+    if pending:  # the epoch ended inside a group: its gradients stayed on each worker (no_sync)
+        average_gradients_across_workers(model)
         optimizer.step()
         optimizer.zero_grad()
+
+
+def average_gradients_across_workers(model) -> None:
+    """What DDP's all-reduce does at a synchronised backward pass, for gradients gathered under
+    `no_sync`: without it, each worker would step with its own and the replicas would part."""
+    if not (hasattr(model, "no_sync") and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    for parameter in model.parameters():
+        if parameter.grad is not None:
+            torch.distributed.all_reduce(parameter.grad)
+            parameter.grad /= world
 
 
 def gather_digests(model: torch.nn.Module) -> list[str]:

@@ -129,3 +129,40 @@ def test_a_grad_accumulation_below_one_is_refused_before_training(prepared_sms, 
     with pytest.raises(ValueError, match="--grad-accumulation 0"):
         train(TrainConfig(data=prepared_sms, output=str(tmp_path / "m"), weights="random", preset="gpt2-tiny",
                           grad_accumulation=0))
+
+
+def accumulate_on_one_rank(rank: int, world: int, port: int, results) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        classifier = TextClassifier.from_gpt2(spamray.load_gpt2("random", "gpt2-tiny"), ["a", "b"], trainable="all")
+        model = DistributedDataParallel(classifier)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        ids = classifier.encode(TEXTS)
+        batches = []
+        for step in range(5):  # five batches, three to a step: the last step has two, both under no_sync
+            rows = [ids[(rank + step) % len(ids)], ids[(rank + step + 1) % len(ids)]]
+            padded, lengths = spamray.get_tokenizer().pad(rows, length=40)
+            batches.append((torch.from_numpy(padded), torch.from_numpy(lengths), torch.tensor([rank % 2, step % 2])))
+        list(training_steps(model, optimizer, batches, "cpu", accumulation=3))
+        results[rank] = [t.detach().clone() for t in classifier.state_dict().values()]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_workers_stay_identical_when_an_epoch_ends_between_accumulated_steps():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(accumulate_on_one_rank, args=(2, port, results), nprocs=2)
+        first, second = results[0], results[1]
+    assert all(torch.equal(a, b) for a, b in zip(first, second))

@@ -19,8 +19,9 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 from sklearn.metrics import log_loss
 
-from .classifier import PRECISIONS, TextClassifier, softmax
+from .classifier import TextClassifier, softmax
 from .operating_point import OperatingPoint, threshold_for_fpr
+from .precision import PRECISIONS
 from .prepare import has_split, read_positive_label, split_url
 
 logger = logging.getLogger(__name__)
@@ -142,25 +143,27 @@ def calibrate(classifier: TextClassifier, data: str, target_fpr: float | None, p
 
 
 def choose_operating_point(classifier: TextClassifier, data: str, target_fpr: float) -> dict:
-    """The threshold on fp32 probabilities of heldout_tune's legitimate messages; its rate on
-    heldout_test's, measured at every precision a replica may score in."""
+    """At every precision a replica may score in, the threshold on that precision's probabilities
+    of heldout_tune's legitimate messages, and its rate on heldout_test's."""
     positive = classifier.labels.index(classifier.positive)
-    ham = classifier.probabilities(legitimate_logits(classifier, data, "heldout_tune"))[:, positive]
-    threshold = threshold_for_fpr(ham, target_fpr)
-    measured, flagged = {}, {}
+    thresholds, chosen_rates, measured, flagged = {}, {}, {}, {}
     for precision in PRECISIONS:
         replica = at_precision(classifier, precision)
+        ham = replica.probabilities(legitimate_logits(replica, data, "heldout_tune"))[:, positive]
+        thresholds[precision] = threshold_for_fpr(ham, target_fpr)
+        chosen_rates[precision] = float((ham >= thresholds[precision]).mean())
         scores = replica.probabilities(legitimate_logits(replica, data, "heldout_test"))[:, positive]
-        flagged[precision] = scores >= threshold
+        flagged[precision] = scores >= thresholds[precision]
         measured[precision] = float(flagged[precision].mean())
     differ = int((flagged["fp32"] != flagged["bf16"]).sum())
     classifier.operating_point = OperatingPoint(
-        positive=classifier.positive, threshold=threshold, target_fpr=target_fpr, chosen_on="heldout_tune",
-        messages=int(ham.size), false_positive_rate=float((ham >= threshold).mean()),
-        heldout_false_positive_rates=measured)
+        positive=classifier.positive, threshold=thresholds["fp32"], target_fpr=target_fpr, chosen_on="heldout_tune",
+        messages=int(ham.size), false_positive_rate=chosen_rates["fp32"], heldout_false_positive_rates=measured,
+        thresholds=thresholds)
     messages = int(flagged["fp32"].size)
-    logger.info(f"operating point: {classifier.positive!r} when p >= {threshold:.4f}, for a false-positive rate of at "
-                f"most {target_fpr:.2%} on {ham.size:,} held-out legitimate messages; measured on {messages:,} others: "
+    logger.info(f"operating point: {classifier.positive!r} when p >= {thresholds['fp32']:.4f} (bf16: "
+                f"{thresholds['bf16']:.4f}), for a false-positive rate of at most {target_fpr:.2%} on {ham.size:,} "
+                f"held-out legitimate messages; measured on {messages:,} others: "
                 + ", ".join(f"{rate:.2%} at {precision}" for precision, rate in measured.items())
                 + f" ({differ} labelled differently at bf16)")
     return {"operating_point": classifier.operating_point.to_dict(),

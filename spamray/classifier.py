@@ -21,10 +21,10 @@ from . import saved
 from .lora import add_lora, merge_lora
 from .model import GPTConfig, GPTModel
 from .operating_point import OperatingPoint, default_positive
+from .precision import PRECISIONS
 from .tokenizer import get_tokenizer
 
 POOLINGS = ("last_token", "last", "first", "mean")
-PRECISIONS = ("fp32", "bf16")  # what a classifier computes in (set_precision)
 
 # Tokens and rows per model batch. A CPU's matrix products run near full speed from a few hundred
 # rows on, so small batches win there: rows grouped more tightly by length carry less padding
@@ -211,15 +211,19 @@ class TextClassifier(nn.Module):
 
     def label_ids(self, probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
         """Each row's label: with an operating point (binary classifiers), the positive label where
-        its probability reaches the threshold (`threshold` overrides the stored one), else the
-        other; without one, the most probable label."""
+        its probability reaches the threshold chosen at this classifier's precision (`threshold`
+        overrides it), else the other; without one, the most probable label."""
         point = self.operating_point
         if point is None and threshold is None:
             return probs.argmax(axis=1)
         if len(self.labels) != 2:
             raise ValueError(f"a threshold applies to a classifier of two labels, not {len(self.labels)}")
         positive = self.labels.index(point.positive if point else self.positive)
-        threshold = point.threshold if threshold is None else threshold
+        if threshold is None:
+            threshold = point.threshold_at(self.precision)
+            if threshold is None:
+                raise ValueError(f"this classifier's threshold was chosen at fp32 only: run `spamray calibrate` "
+                                 f"again to choose one at {self.precision}, or compute in fp32")
         return np.where(probs[:, positive] >= threshold, positive, 1 - positive)
 
     def predict(self, texts: Sequence[str]) -> list[Prediction]:

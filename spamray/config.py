@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .precision import PRECISION_CHOICES, PRECISIONS
+
 
 def option(default, help: str, **extra):
     """A dataclass field that carries its CLI help (and, optionally, choices or a short flag)."""
@@ -19,8 +21,6 @@ def option(default, help: str, **extra):
 def required(help: str, **extra):
     return field(metadata={"help": help, "required": True, **extra})
 
-
-PRECISION_CHOICES = ("auto", "fp32", "bf16")  # scoring replicas: see spamray.score.resolve_precision
 
 @dataclass
 class PrepareConfig:
@@ -78,6 +78,9 @@ class TrainConfig:
     eval_freq: int = option(50, "evaluate train/validation loss every this many steps")
     eval_iter: int = option(5, "batches per loss/accuracy estimate during training")
     seed: int = option(123, "torch seed")
+    precision: str = option("fp32", "compute of the training steps: fp32, bf16 (autocast: bf16 matrix products, fp32 "
+                            "weights, optimizer and LayerNorms), or auto (bf16 on GPUs and on CPUs with bf16 matrix "
+                            "units or instructions, fp32 elsewhere)", choices=list(PRECISION_CHOICES))
     num_workers: int = option(1, "Ray Train workers (one GPU each when --use-gpu)")
     use_gpu: bool | None = option(None, "one GPU per worker; default: when the cluster has GPUs")
     cpus_per_worker: int = option(2, "CPUs (and torch threads) per worker")
@@ -108,8 +111,8 @@ class EvaluateConfig:
     output: str | None = option(None, "folder for roc.png, precision_recall.png and evaluation.json (binary "
                                 "classifiers)")
     precision: str = option("fp32", "compute as a scoring replica at this precision does (score --precision: bf16 "
-                            "on GPUs by default), so the rates measured are the ones it labels with",
-                            choices=["fp32", "bf16"])
+                            "on GPUs and on CPUs with bf16 units by default), so the rates measured are the ones it "
+                            "labels with", choices=list(PRECISIONS))
 
 
 @dataclass
@@ -144,9 +147,11 @@ class ScoreConfig:
     cpus_per_replica: int = option(2, "CPUs (and torch threads) per model replica")
     batch_size: int | None = option(None, "rows per Ray Data batch sent to a replica (default: 1024 on CPUs, "
                                     "16384 on GPUs); a replica groups them by length, so larger batches pad less")
-    precision: str = option("auto", "weights and activations of the replicas: auto (bf16 on GPUs, where its "
-                            "labels match fp32's on 99.75% of messages measured; fp32 on CPUs), fp32, bf16",
-                            choices=list(PRECISION_CHOICES))
+    precision: str = option("auto", "weights and activations of the replicas: auto is bf16 on GPUs and on CPUs "
+                            "with bf16 matrix units or instructions (amx_bf16, avx512_bf16: there bf16 scored 2.1-3.2x "
+                            "fp32's messages/s with 100% of labels at the operating point unchanged, bench/score.py), "
+                            "fp32 on other CPUs and for a classifier calibrated without a bf16 threshold; the run's "
+                            "log and the table's commit name the choice and why", choices=list(PRECISION_CHOICES))
     threshold: float | None = option(None, "label a binary classifier's positive class where its probability "
                                      "reaches this (default: the classifier's operating point, else the most "
                                      "probable label)")
@@ -171,3 +176,5 @@ class DemoConfig:
     epochs: int = option(5, "passes over the training split")
     learning_rate: float = option(5e-4, "AdamW learning rate (higher than the book's: random weights)")
     num_workers: int = option(1, "Ray Train workers")
+    precision: str = option("fp32", "training compute (train --precision): fp32, bf16 or auto",
+                            choices=list(PRECISION_CHOICES))

@@ -121,8 +121,8 @@ def binary_report(classifier: TextClassifier, scores: np.ndarray, true_ids: np.n
               "curves": {"roc": {"false_positive_rate": fpr.tolist(), "true_positive_rate": tpr.tolist()},
                          "precision_recall": {"precision": precision.tolist(), "recall": recall.tolist()}}}
     if classifier.operating_point:
-        threshold = classifier.operating_point.threshold
-        report["operating_point"] = classifier.operating_point.to_dict()
+        threshold = classifier.operating_point.threshold_at(classifier.precision)
+        report["operating_point"] = {**classifier.operating_point.to_dict(), "threshold": threshold}
         report["at_operating_point"] = rates_at(threshold, scores, true_ids)
         if heldout_ham is not None:
             flagged = int((heldout_ham >= threshold).sum())

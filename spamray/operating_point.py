@@ -64,17 +64,26 @@ def recall_at_fpr(scores, labels, target_fpr: float) -> float:
 @dataclass
 class OperatingPoint:
     """What a binary classifier flags: the positive label's probability >= threshold, chosen so
-    that at most `target_fpr` of the legitimate messages in `chosen_on` were flagged (in fp32).
-    `heldout_false_positive_rates`: measured on messages that took no part in choosing it, per
-    precision a scoring replica may run in."""
+    that at most `target_fpr` of the legitimate messages in `chosen_on` were flagged.
+
+    A threshold is chosen at each precision a scoring replica may run in (`thresholds`), on that
+    precision's own probabilities: bf16 moves a probability by up to a few thousandths, enough to
+    push a legitimate message near the threshold over it. `threshold` is fp32's.
+    `heldout_false_positive_rates`: each precision's, at its own threshold, measured on messages
+    that took no part in choosing it."""
 
     positive: str
     threshold: float
     target_fpr: float
     chosen_on: str
     messages: int  # legitimate messages it was chosen on
-    false_positive_rate: float  # measured there
+    false_positive_rate: float  # measured there, at fp32
     heldout_false_positive_rates: dict[str, float] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)  # empty: calibrated before spamray chose one a precision
+
+    def threshold_at(self, precision: str) -> float | None:
+        """The threshold a replica computing in `precision` labels with; None where none was chosen."""
+        return self.thresholds.get(precision, self.threshold if precision == "fp32" else None)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -19,11 +19,13 @@ import numpy as np
 import pyarrow as pa
 
 from . import saved, storage
-from .config import PRECISION_CHOICES, ScoreConfig
+from .config import ScoreConfig
 from .driver_actors import BatchCrashes, RowsWritten, start_beside_driver
 from .errors import SpamrayError
 from .classifier import probability_column
 from .inputs import InputFile, check_inputs, list_input_files, read_chunks
+from .operating_point import OperatingPoint
+from .precision import PrecisionChoice, cluster_precision, resolve_precision
 from .progress import Progress
 from .scores_table import IDENTITY, PARTITIONS, ScoresTable, TableState, plan_inputs, table_schema
 from .tokenizer import get_tokenizer
@@ -124,7 +126,8 @@ class Scorer:
         on_gpu = torch.cuda.is_available()
         if on_gpu:
             self.classifier.cuda()
-        self.classifier.set_precision(resolve_precision(precision, on_gpu))
+        point = self.classifier.operating_point if threshold is None else None  # (a given threshold replaces it)
+        self.classifier.set_precision(resolve_precision(precision, on_gpu, operating_point=point and point.to_dict()).precision)
         self.columns = [probability_column(label) for label in self.classifier.labels]
         self.model_name = model_name
         self.node = replica_node()
@@ -230,12 +233,11 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     if not storage.exists(storage.join(cfg.model, metadata["weights"]["file"])):
         raise saved.SavedClassifierError(f"{cfg.model} is incomplete: {metadata['weights']['file']} is missing")
     classifier_version, labels, max_length = saved.model_version(metadata), metadata["labels"], metadata["max_length"]
-    threshold = (metadata.get("operating_point") or {}).get("threshold")
     model_version = classifier_version
     if cfg.threshold is not None:
         if len(labels) != 2:
             raise ValueError(f"--threshold applies to a classifier of two labels; {cfg.model} has {len(labels)}")
-        threshold, model_version = cfg.threshold, f"{classifier_version}-t{cfg.threshold:g}"  # other labels
+        model_version = f"{classifier_version}-t{cfg.threshold:g}"  # other labels
     carried_columns = [c for c in dict.fromkeys([cfg.id_column, *cfg.keep]) if c and c != cfg.text_column]
     check_output_names(carried_columns, labels)
     table = ScoresTable(cfg.output)
@@ -253,8 +255,10 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     from .scores_sink import new_run_id
 
     operating_point = metadata.get("operating_point") if cfg.threshold is None else None
+    precision = cluster_precision(cfg.precision, operating_point, TASK_CPUS)  # refused here, before any work, if it must be
+    threshold = cfg.threshold if operating_point is None else OperatingPoint(**operating_point).threshold_at(precision.precision)
     run = Run(new_run_id(), table, state, to_score, rows_to_score, mode, model_version, classifier_version,
-              operating_point, max_length, carried_types, keep_text, data_schema)
+              operating_point, precision, max_length, carried_types, keep_text, data_schema)
     summary = ScoreSummary(run_id=run.run_id, output=table.url, table_version=state.version, files_seen=len(files),
                            threshold=threshold, files_failed=failed, files_skipped=[asdict(f) for f in skipped])
     for file in skipped:
@@ -295,6 +299,7 @@ class Run:
     model_version: str  # what the table records: the classifier's version, and a --threshold given
     classifier_version: str  # what every replica must load
     operating_point: dict | None  # the classifier's, unless --threshold replaces it
+    precision: PrecisionChoice  # what every replica computes in, and why
     max_length: int
     carried_types: dict[str, pa.DataType]
     keep_text: bool
@@ -315,12 +320,14 @@ def score_into_table(cfg: ScoreConfig, run: Run, summary: ScoreSummary) -> None:
         table.check_columns(run.state, schema)
     batch_crashes, rows_written = start_beside_driver(BatchCrashes), start_beside_driver(RowsWritten)
     try:
-        dataset, precision = scoring_pipeline(cfg, run, batch_crashes)
+        dataset = scoring_pipeline(cfg, run, batch_crashes)
+        precision = run.precision.precision
         logger.info(f"scoring {len(run.to_score)} of {summary.files_seen} files from {cfg.input} with {cfg.model} "
-                    f"({run.model_version}), {cfg.replicas} replica(s), {precision}, into {table.url}")
+                    f"({run.model_version}), {cfg.replicas} replica(s), {precision} ({run.precision.reason}), "
+                    f"into {table.url}")
         log_operating_point(run.operating_point, precision)
         record = {"model": cfg.model, "model_version": run.model_version, "threshold": summary.threshold,
-                  "precision": precision}
+                  "precision": precision, "precision_reason": run.precision.reason}
         sink = ScoresSink(table, run.state, run.run_id, run.model_version, run.mode, run.data_schema, run.to_score,
                           record, WRITE_BATCH_ROWS, rows_written)
         write_with_progress(dataset, sink, rows_written, run.rows_to_score)
@@ -376,14 +383,12 @@ def write_with_progress(dataset, sink, rows_written, rows_to_score: int | None) 
 
 
 def scoring_pipeline(cfg: ScoreConfig, run: Run, batch_crashes):
-    """(the Ray Data pipeline: read -> tokenize -> score, the replicas' precision); its rows go to
-    the table's sink (scores_sink)."""
+    """The Ray Data pipeline: read -> tokenize -> score; its rows go to the table's sink (scores_sink)."""
     import ray
     import ray.data
 
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     batch_rows = cfg.batch_size or RAY_BATCH_ROWS["gpu" if use_gpu else "cpu"]
-    precision = resolve_precision(cfg.precision, use_gpu)
     reserved_cpus = replica_cpu_reservation(cfg.replicas, cfg.cpus_per_replica, ray.cluster_resources().get("CPU", 1))
     dataset = (
         ray.data.from_items([{"path": f.url} for f in run.to_score], override_num_blocks=len(run.to_score))
@@ -396,7 +401,7 @@ def scoring_pipeline(cfg: ScoreConfig, run: Run, batch_crashes):
                      compute=ray.data.ActorPoolStrategy(size=cfg.replicas),
                      num_cpus=reserved_cpus, num_gpus=1 if use_gpu else 0,
                      fn_constructor_kwargs={"model_url": cfg.model, "threads": cfg.cpus_per_replica,
-                                            "model_name": cfg.model, "precision": precision,
+                                            "model_name": cfg.model, "precision": run.precision.precision,
                                             "model_version": run.classifier_version,
                                             "batch_crashes": batch_crashes, "threshold": cfg.threshold})
     )
@@ -404,19 +409,20 @@ def scoring_pipeline(cfg: ScoreConfig, run: Run, batch_crashes):
     # A clear error, not a hang, when the cluster cannot place every replica (an autoscaler
     # bringing up nodes has this long).
     dataset.context.wait_for_min_actors_s = REPLICA_START_TIMEOUT_S
-    return dataset, precision
+    return dataset
 
 
 def log_operating_point(point: dict | None, precision: str) -> None:
-    """The threshold this run labels at, and the false-positive rate measured for it at the
-    replicas' precision when calibration measured one."""
+    """The threshold this run labels at (chosen at the replicas' precision), and the false-positive
+    rate calibration measured for it."""
     if not point:
         return
-    measured = (point.get("heldout_false_positive_rates") or {}).get(precision)
+    point = OperatingPoint(**point)
+    measured = point.heldout_false_positive_rates.get(precision)
     rate = (f"held-out false-positive rate at {precision} {measured:.2%}" if measured is not None
             else f"no held-out false-positive rate measured at {precision} (run `spamray calibrate` again to measure it)")
-    logger.info(f"labels at the operating point: {point['positive']!r} when p >= {point['threshold']:.4f} (target "
-                f"false-positive rate {point['target_fpr']:.2%}; {rate})")
+    logger.info(f"labels at the operating point: {point.positive!r} when p >= {point.threshold_at(precision):.4f} at "
+                f"{precision} (target false-positive rate {point.target_fpr:.2%}; {rate})")
 
 
 def replica_node() -> str:
@@ -424,14 +430,6 @@ def replica_node() -> str:
     import ray
 
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
-
-
-def resolve_precision(precision: str, on_gpu: bool) -> str:
-    """`auto` is bf16 on a GPU (tensor cores; labels as fp32's on 99.75% of messages measured) and
-    fp32 on a CPU (without bf16 matrix units, bf16 only adds conversions there)."""
-    if precision not in PRECISION_CHOICES:
-        raise ValueError(f"unknown precision {precision!r}; choose {', '.join(PRECISION_CHOICES)}")
-    return ("bf16" if on_gpu else "fp32") if precision == "auto" else precision
 
 
 def replica_cpu_reservation(replicas: int, cpus_per_replica: int, cluster_cpus: float) -> float:

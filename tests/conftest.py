@@ -140,6 +140,16 @@ def prepared_sms(tmp_path_factory) -> str:
     return str(folder)
 
 
+def commit_record(table_url: str, version: int) -> dict:
+    """What spamray recorded in the commit of a scores table's version (commitInfo["spamray"])."""
+    import json
+
+    entry = Path(table_url) / "_delta_log" / f"{version:020d}.json"
+    info = next(json.loads(line) for line in entry.read_text().splitlines() if '"commitInfo"' in line)
+    record = info["commitInfo"]["spamray"]
+    return json.loads(record) if isinstance(record, str) else record
+
+
 SPAMRAY = "import sys\nfrom spamray.cli import main\nsys.exit(main(sys.argv[1:]))\n"
 
 
@@ -150,3 +160,33 @@ def spamray_process(code: str, args: list[str], stdout=subprocess.PIPE, **extra_
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen([sys.executable, "-c", code, *args], env=env, start_new_session=True,
                             stdout=stdout, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="session")
+def trained_enough(tmp_path_factory, prepared_sms):
+    """A tiny classifier fitted in-process on the training split for a few hundred steps: far
+    from the book's, but its scores separate spam from ham, and over-confidently."""
+    import numpy as np
+    import pandas as pd
+
+    import spamray
+    from spamray import TextClassifier
+
+    torch.manual_seed(0)
+    classifier = TextClassifier.from_gpt2(spamray.load_gpt2("random", "gpt2-tiny"), ["not spam", "spam"],
+                                          trainable="all", max_length=64)
+    frame = pd.read_parquet(f"{prepared_sms}/train.parquet")
+    ids = classifier.encode(frame["text"].tolist())
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=1e-3)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        rows = rng.choice(len(ids), 16, replace=False)
+        tokens, lengths = spamray.get_tokenizer().pad([ids[i] for i in rows])
+        loss = torch.nn.functional.cross_entropy(classifier(torch.from_numpy(tokens), torch.from_numpy(lengths)),
+                                                 torch.as_tensor(frame["label"].to_numpy()[rows]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    folder = tmp_path_factory.mktemp("calibrated") / "model"
+    classifier.eval().save(str(folder))
+    return str(folder)

@@ -17,7 +17,7 @@ from spamray import TextClassifier
 from spamray.cli import main
 from spamray.config import ScoreConfig
 from spamray.inputs import InputFile, list_input_files
-from spamray.score import Scorer, resolve_precision, score, tokenize_batch
+from spamray.score import Scorer, score, tokenize_batch
 from spamray.scores_audit import audit_written
 from spamray.scores_table import ScoresTable, WrittenFile, input_key, scoring_digest
 from conftest import SPAMRAY, spamray_process
@@ -61,8 +61,8 @@ def test_pipeline_equals_the_in_process_classifier_row_by_row(ray_local, model_u
     archive = place.upload(mixed_archive, "archive") if place.url.startswith("s3://") else str(mixed_archive)
     model = place.upload(model_url, "model") if place.url.startswith("s3://") else model_url
     out = place.join("scores")
-    summary = score(ScoreConfig(model=model, input=archive, output=out, id_column="msg_id",
-                                keep=["sender"], batch_size=32, read_batch_rows=100))
+    summary = score(ScoreConfig(model=model, input=archive, output=out, id_column="msg_id", precision="fp32",
+                                keep=["sender"], batch_size=32, read_batch_rows=100))  # (bf16: test_precision.py)
     frame = read_output(out)
     frame["source_file"] = frame["source_file"].str.replace(archive, str(mixed_archive), regex=False)
     assert len(frame) == summary.rows_written == summary.rows_read == 302 + 6 + 202
@@ -213,11 +213,7 @@ def test_output_streams_out_in_files_of_bounded_size(ray_local, model_url, sms_m
     assert sorted(read_output(str(out))["source_row"]) == list(range(2000))
 
 
-def test_a_bf16_replica_agrees_with_fp32_and_auto_means_bf16_only_on_gpus(model_url, sms_messages):
-    assert resolve_precision("auto", on_gpu=True) == "bf16" and resolve_precision("auto", on_gpu=False) == "fp32"
-    assert resolve_precision("fp32", on_gpu=True) == "fp32"
-    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
-        resolve_precision("fp16", on_gpu=True)
+def test_a_bf16_replica_agrees_with_fp32(model_url, sms_messages):
     rows = pa.table({"text": sms_messages[:200], "status": pa.nulls(200, pa.string())})
     batch = tokenize_batch(rows, max_length=96, keep_text=False)
     fp32 = Scorer(model_url, threads=1, model_name="m", precision="fp32")(batch)

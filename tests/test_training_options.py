@@ -75,7 +75,7 @@ def test_the_settings_are_saved_and_every_path_scores_with_them(tmp_path, capsys
     assert main(["classify", str(tmp_path / "model"), *TEXTS]) == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [row["probs"]["spam"] for row in printed] == pytest.approx(expected, abs=1e-6)
-    scored = Scorer(str(tmp_path / "model"), threads=1, model_name="m")(
+    scored = Scorer(str(tmp_path / "model"), threads=1, model_name="m", precision="fp32")(
         tokenize_batch(pa.table({"text": TEXTS, "status": pa.nulls(len(TEXTS), pa.string())}), max_length=1024,
                        keep_text=False))
     assert scored["p_spam"].to_pylist() == pytest.approx(expected, abs=1e-6)

@@ -1,5 +1,6 @@
 """Training speed: the book's configuration against spamray's defaults (same process, same data),
-then 2 Ray Train workers against 1 on this machine.
+each in fp32 and in bf16 autocast (`train --precision bf16`), then 2 Ray Train workers against 1
+on this machine.
 
     python bench/train.py [--steps 30] [--preset gpt2-small] [--ray-preset gpt2-mini]
 """
@@ -24,18 +25,20 @@ from spamray.model import GPTModel, preset_config  # noqa: E402
 from spamray.prepare import prepare  # noqa: E402
 
 
-def examples_per_second(texts, labels, preset: str, pooling: str, pad_to: int | None, steps: int) -> float:
+def examples_per_second(texts, labels, preset: str, pooling: str, pad_to: int | None, steps: int,
+                        precision: str = "fp32", trainable: str = "last_block") -> float:
     torch.manual_seed(123)
     clf = TextClassifier.from_gpt2(GPTModel(preset_config(preset)), ["not spam", "spam"], pooling=pooling,
-                                   trainable="last_block").train()
+                                   trainable=trainable).train()
     optimizer = torch.optim.AdamW([p for p in clf.parameters() if p.requires_grad], lr=5e-5, weight_decay=0.1)
     tok = spamray.get_tokenizer()
     rows = tok.encode_batch(texts)
 
     def step(start):
         ids, lengths = tok.pad(rows[start:start + 8], length=pad_to)
-        loss = torch.nn.functional.cross_entropy(clf(torch.from_numpy(ids), torch.from_numpy(lengths)),
-                                                 torch.tensor(labels[start:start + 8]))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):  # as train_loop_per_worker
+            loss = torch.nn.functional.cross_entropy(clf(torch.from_numpy(ids), torch.from_numpy(lengths)),
+                                                     torch.tensor(labels[start:start + 8]))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -52,6 +55,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--preset", default="gpt2-small")
     parser.add_argument("--ray-preset", default="gpt2-mini")
+    parser.add_argument("--no-ray", action="store_true", help="only the in-process rows")
     args = parser.parse_args()
     import pandas as pd
 
@@ -61,9 +65,17 @@ def main() -> None:
     texts, labels = train_split["text"].tolist(), train_split["label"].tolist()
 
     rows = [("book: last position, padded to 120", examples_per_second(texts, labels, args.preset, "last", 120, args.steps)),
-            ("spamray: last_token, per-batch padding", examples_per_second(texts, labels, args.preset, "last_token", None, args.steps))]
+            ("spamray: last_token, per-batch padding", examples_per_second(texts, labels, args.preset, "last_token", None, args.steps)),
+            ("spamray, bf16 autocast", examples_per_second(texts, labels, args.preset, "last_token", None, args.steps, "bf16"))]
     print(f"{args.preset}, last_block trainable, batch 8, {args.steps} steps, {torch.get_num_threads()} threads")
     print(table(rows, baseline="book: last position, padded to 120", unit="examples/s"))
+    demo_rows = [(f"spamray {precision}", examples_per_second(texts, labels, args.ray_preset, "last_token", None,
+                                                             args.steps * 4, precision, trainable="all"))
+                 for precision in ("fp32", "bf16")]
+    print(f"\n{args.ray_preset}, every layer trainable (the demo's), batch 8, {args.steps * 4} steps")
+    print(table(demo_rows, baseline="spamray fp32", unit="examples/s"))
+    if args.no_ray:
+        return
 
     import ray
 

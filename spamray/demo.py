@@ -35,7 +35,7 @@ def demo(cfg: DemoConfig) -> dict:
     train(TrainConfig(data=data, output=model, weights="random", preset=cfg.preset, trainable="all",
                       learning_rate=cfg.learning_rate, epochs=cfg.epochs, num_workers=cfg.num_workers,
                       cpus_per_worker=max(1, 2 // cfg.num_workers), storage_path=str(work / "runs"),
-                      run_name=f"demo-{int(started)}", overwrite=True))
+                      run_name=f"demo-{int(started)}", precision=cfg.precision, overwrite=True))
 
     logger.info("\n== evaluate: the test split (curves in evaluation/)")
     report = evaluate(EvaluateConfig(model=model, data=data, split="test", output=str(work / "evaluation")))

@@ -19,7 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ from .driver_actors import ProgressBoard, start_beside_driver
 from .evaluate import accuracy_by_split
 from .model import count_parameters
 from .plots import plot_history
+from .precision import cluster_precision
 from .progress import Progress
 from .prepare import prepared_digest, read_prepared_labels, split_url
 from .tokenizer import get_tokenizer
@@ -155,7 +156,7 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = TrainConfig(**config["train"])
     labels, pad_to, progress_board = config["labels"], config["pad_to"], config["progress_board"]
     context = ray.train.get_context()
-    is_rank_zero, last_post = context.get_world_rank() == 0, 0.0
+    is_rank_zero = context.get_world_rank() == 0
     torch.set_num_threads(cfg.cpus_per_worker)
     torch.manual_seed(cfg.seed)
     classifier = build_classifier(cfg, labels, pad_to)
@@ -182,54 +183,57 @@ def train_loop_per_worker(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     validation = ray.train.get_dataset_shard("validation")
     world = context.get_world_size()
-    history = state["history"]
 
     # The book estimates validation loss on the first eval_iter batches: read them once.
     validation_batches = list(itertools.islice(arriving_within(
         validation.iter_torch_batches(batch_size=cfg.batch_size, collate_fn=collate, device="cpu"),
         cfg.data_timeout_s, "validation"), cfg.eval_iter))
 
-    recent = deque(maxlen=cfg.eval_iter)  # the latest training batches, to estimate train loss
     if state["epoch"] >= cfg.epochs:  # the run had finished: hand its final state back as the result
         metrics = {key: state[key] for key in ("epoch", "examples_seen", "global_step", "resumed_from_epoch")}
         metrics["checkpoint_warnings"] = state.get("checkpoint_warnings", [])
         report_with_checkpoint({**metrics, "replica_digests": gather_digests(classifier)}, classifier, optimizer,
                                state, is_rank_zero=is_rank_zero)
         return
-    for epoch in range(state["epoch"], cfg.epochs):
-        model.train()
-        epoch_started, epoch_examples = time.perf_counter(), state["examples_seen"]
-        batches = train_shard.iter_torch_batches(batch_size=cfg.batch_size, collate_fn=collate, device="cpu",
-                                                 drop_last=True, local_shuffle_buffer_size=4096,
-                                                 local_shuffle_seed=cfg.seed + epoch)
-        for batch, loss in training_steps(model, optimizer, arriving_within(batches, cfg.data_timeout_s, "training"),
-                                          device, cfg.grad_accumulation):
-            recent.append(batch)
-            state["examples_seen"] += len(batch[2]) * world
-            state["global_step"] += 1
-            if is_rank_zero and time.monotonic() - last_post >= POST_PROGRESS_EVERY_S:
-                progress_board.post.remote({"step": state["global_step"] + 1, "epoch": epoch + 1, "loss": loss.item(),
-                                            "examples_per_second": (state["examples_seen"] - epoch_examples)
-                                            / (time.perf_counter() - epoch_started)})
-                last_post = time.monotonic()
-            if state["global_step"] % cfg.eval_freq == 0:
-                history["train_losses"].append(estimate(model, recent, device)[0])
-                history["val_losses"].append(estimate(model, validation_batches, device)[0])
-                history["examples_seen"].append(state["examples_seen"])
-        train_loss, train_acc = estimate(model, recent, device)
-        val_loss, val_acc = estimate(model, validation_batches, device)
-        examples_per_second = (state["examples_seen"] - epoch_examples) / (time.perf_counter() - epoch_started)
-        history["train_accs"].append(train_acc)
-        history["val_accs"].append(val_acc)
-        state["epoch"] = epoch + 1
-        metrics = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "train_argmax_accuracy": train_acc,
-                   "val_argmax_accuracy": val_acc, "examples_seen": state["examples_seen"],
-                   "global_step": state["global_step"], "resumed_from_epoch": state["resumed_from_epoch"],
-                   "examples_per_second": examples_per_second,
-                   "checkpoint_warnings": state.get("checkpoint_warnings", [])}
-        if epoch + 1 == cfg.epochs:
-            metrics["replica_digests"] = gather_digests(classifier)
-        report_with_checkpoint(metrics, classifier, optimizer, state, is_rank_zero=is_rank_zero)
+    history, last_post = state["history"], 0.0
+    recent = deque(maxlen=cfg.eval_iter)  # the latest training batches, to estimate train loss
+    # bf16 autocast (cfg.precision, resolved by the driver): the weights, their gradients and the
+    # optimizer's state stay fp32, so checkpoints and the saved classifier are as in fp32.
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        for epoch in range(state["epoch"], cfg.epochs):
+            model.train()
+            epoch_started, epoch_examples = time.perf_counter(), state["examples_seen"]
+            batches = train_shard.iter_torch_batches(batch_size=cfg.batch_size, collate_fn=collate, device="cpu",
+                                                     drop_last=True, local_shuffle_buffer_size=4096,
+                                                     local_shuffle_seed=cfg.seed + epoch)
+            for batch, loss in training_steps(model, optimizer, arriving_within(batches, cfg.data_timeout_s, "training"),
+                                              device, cfg.grad_accumulation):
+                recent.append(batch)
+                state["examples_seen"] += len(batch[2]) * world
+                state["global_step"] += 1
+                if is_rank_zero and time.monotonic() - last_post >= POST_PROGRESS_EVERY_S:
+                    progress_board.post.remote({"step": state["global_step"] + 1, "epoch": epoch + 1, "loss": loss.item(),
+                                                "examples_per_second": (state["examples_seen"] - epoch_examples)
+                                                / (time.perf_counter() - epoch_started)})
+                    last_post = time.monotonic()
+                if state["global_step"] % cfg.eval_freq == 0:
+                    history["train_losses"].append(estimate(model, recent, device)[0])
+                    history["val_losses"].append(estimate(model, validation_batches, device)[0])
+                    history["examples_seen"].append(state["examples_seen"])
+            train_loss, train_acc = estimate(model, recent, device)
+            val_loss, val_acc = estimate(model, validation_batches, device)
+            examples_per_second = (state["examples_seen"] - epoch_examples) / (time.perf_counter() - epoch_started)
+            history["train_accs"].append(train_acc)
+            history["val_accs"].append(val_acc)
+            state["epoch"] = epoch + 1
+            metrics = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "train_argmax_accuracy": train_acc,
+                       "val_argmax_accuracy": val_acc, "examples_seen": state["examples_seen"],
+                       "global_step": state["global_step"], "resumed_from_epoch": state["resumed_from_epoch"],
+                       "examples_per_second": examples_per_second,
+                       "checkpoint_warnings": state.get("checkpoint_warnings", [])}
+            if epoch + 1 == cfg.epochs:
+                metrics["replica_digests"] = gather_digests(classifier)
+            report_with_checkpoint(metrics, classifier, optimizer, state, is_rank_zero=is_rank_zero)
 
 
 def training_steps(model, optimizer, batches: Iterable, device, accumulation: int = 1) -> Iterator:
@@ -381,6 +385,8 @@ def train(cfg: TrainConfig) -> dict:
     del probe
 
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    choice = cluster_precision(cfg.precision)
+    cfg = replace(cfg, precision=choice.precision)  # the run's name and record hold what it computes in
     run_name = cfg.run_name or default_run_name(cfg, prepared_digest(cfg.data))
     storage_path = cfg.storage_path or str(Path.home() / "ray_results")
     check_storage_path(cfg.storage_path, sum(node["Alive"] for node in ray.nodes()), cfg.shared_storage)
@@ -397,7 +403,8 @@ def train(cfg: TrainConfig) -> dict:
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    logger.info(f"Ray Train run {run_name!r} in {storage_path} ({cfg.num_workers} workers, gpu={use_gpu})")
+    logger.info(f"Ray Train run {run_name!r} in {storage_path} ({cfg.num_workers} workers, gpu={use_gpu}, "
+                f"{cfg.precision}: {choice.reason})")
     steps = cfg.epochs * (datasets["train"].count() // cfg.num_workers // cfg.batch_size)
     with showing_progress(progress_board, Progress("training", steps, "steps", logger), cfg.epochs):
         result = trainer.fit()

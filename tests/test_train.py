@@ -83,18 +83,21 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, prepared_sm
     assert again["test_argmax_accuracy"] == metrics["test_argmax_accuracy"]
 
 
-def test_pretrained_weights_by_path_through_the_cli(ray_local, prepared_sms, small_hf_checkpoint, tmp_path):
+def test_pretrained_weights_by_path_through_the_cli(ray_local, prepared_sms, small_hf_checkpoint, tmp_path, caplog):
     folder, reference = small_hf_checkpoint
     code = main(["train", "--data", prepared_sms, "--output", str(tmp_path / "model"), "--weights", str(folder),
-                 "--epochs", "1", "--eval-freq", "20", "--storage-path", str(tmp_path / "runs")])
+                 "--epochs", "1", "--eval-freq", "20", "--storage-path", str(tmp_path / "runs"), "--precision", "bf16"])
     assert code == 0
+    assert "bf16: as asked (--precision)" in caplog.text  # bf16 autocast; the weights stay fp32:
     tensors = load_file(tmp_path / "model" / "model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
     # last_block (the book's policy) froze the embedding and first block: they are the checkpoint's.
     torch.testing.assert_close(tensors["gpt.tok_emb.weight"], reference.transformer.wte.weight, rtol=0, atol=0)
     torch.testing.assert_close(tensors["gpt.trf_blocks.0.att.qkv.weight"], reference.transformer.h[0].attn.c_attn.weight.t(), rtol=0, atol=0)
     assert not torch.equal(tensors["gpt.trf_blocks.1.ff.fc.weight"], reference.transformer.h[1].mlp.c_fc.weight.t())
     metadata = json.loads((tmp_path / "model" / "spamray.json").read_text())
     assert metadata["trainable"] == "last_block" and metadata["labels"] == ["not spam", "spam"]
+    assert metadata["metrics"]["settings"]["precision"] == "bf16"
 
     # evaluate and classify the model just trained
     assert main(["evaluate", str(tmp_path / "model"), prepared_sms]) == 0

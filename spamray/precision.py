@@ -82,5 +82,7 @@ def cluster_precision(requested: str, operating_point: dict | None = None, probe
     import ray
 
     on_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    flags = None if on_gpu else ray.get(ray.remote(cpu_flags).options(num_cpus=probe_cpus).remote())
+    if on_gpu or sum(node["Alive"] for node in ray.nodes()) == 1:  # one node: the driver's CPU is the workers'
+        return resolve_precision(requested, on_gpu, None, operating_point)
+    flags = ray.get(ray.remote(cpu_flags).options(num_cpus=probe_cpus).remote())
     return resolve_precision(requested, on_gpu, flags, operating_point)

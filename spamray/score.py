@@ -127,7 +127,8 @@ class Scorer:
         if on_gpu:
             self.classifier.cuda()
         point = self.classifier.operating_point if threshold is None else None  # (a given threshold replaces it)
-        self.classifier.set_precision(resolve_precision(precision, on_gpu, operating_point=point and point.to_dict()).precision)
+        choice = resolve_precision(precision, on_gpu, operating_point=point and point.to_dict())
+        self.classifier.set_precision(choice.precision)
         self.columns = [probability_column(label) for label in self.classifier.labels]
         self.model_name = model_name
         self.node = replica_node()
@@ -255,8 +256,9 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     from .scores_sink import new_run_id
 
     operating_point = metadata.get("operating_point") if cfg.threshold is None else None
-    precision = cluster_precision(cfg.precision, operating_point, TASK_CPUS)  # refused here, before any work, if it must be
-    threshold = cfg.threshold if operating_point is None else OperatingPoint(**operating_point).threshold_at(precision.precision)
+    precision = cluster_precision(cfg.precision, operating_point, TASK_CPUS)  # a refusal comes before any work
+    threshold = (cfg.threshold if operating_point is None
+                 else OperatingPoint(**operating_point).threshold_at(precision.precision))
     run = Run(new_run_id(), table, state, to_score, rows_to_score, mode, model_version, classifier_version,
               operating_point, precision, max_length, carried_types, keep_text, data_schema)
     summary = ScoreSummary(run_id=run.run_id, output=table.url, table_version=state.version, files_seen=len(files),

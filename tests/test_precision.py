@@ -82,7 +82,8 @@ def test_a_scoring_run_records_the_precision_it_ran_in_and_why(ray_local, calibr
     archive = tmp_path / "archive"
     archive.mkdir()
     pq.write_table(pa.table({"text": sms_messages[:300]}), archive / "a.parquet")
-    expected = resolve_precision("auto", on_gpu=False, operating_point=TextClassifier.load(calibrated).operating_point.to_dict())
+    point = TextClassifier.load(calibrated).operating_point.to_dict()
+    expected = resolve_precision("auto", on_gpu=False, operating_point=point)  # this machine's CPU decides
     fp32_labels = [p.label for p in TextClassifier.load(calibrated).predict(sms_messages[:300])]
     # auto, and bf16 asked for where auto chose another (an explicit choice is honoured on any CPU)
     for asked in ["auto"] + (["bf16"] if expected.precision != "bf16" else []):

@@ -103,7 +103,7 @@ def main() -> None:
         in_process = rate(lambda: classifier.predict(texts), len(texts), warmup=lambda: None)
         started = time.perf_counter()
         score(ScoreConfig(model=small, input=f"{work}/rows", output=f"{work}/scores-small-{index}",
-                          cpus_per_replica=cpus))
+                          cpus_per_replica=cpus, precision="fp32"))  # the in-process side's precision
         rounds.append((in_process, len(texts) / (time.perf_counter() - started)))
     print(f"GPT-2 small, {len(texts):,} rows, {cpus} CPUs, rounds of in-process then Ray Data end to end "
           "(replica start-up included): " + ", ".join(f"{a:.1f} then {b:.1f} msgs/s ({b / a:.1%})" for a, b in rounds))

@@ -102,7 +102,7 @@ def main() -> None:
         os.rename(new_file, held_back)
         s3 = fsspec.filesystem("s3")
         s3.put(archive + "/", "bench/archive/", recursive=True)
-        common = ["--model", model, "--incremental", "--cpus-per-replica", "2"]
+        common = ["--model", model, "--incremental", "--cpus-per-replica", "2", "--precision", "fp32"]  # both checkouts alike
         print(f"{args.files} files x {args.rows:,} rows, then one more; gpt2-tiny; fresh `spamray score` processes")
         print(f"{'code':<9} {'where':<6} {'run':<18} {'seconds':>8} {'rows/s':>9} {'rows':>9} {'bytes written':>14} "
               f"{'files +/-':>10}")

@@ -12,7 +12,7 @@ import typing
 from collections.abc import Callable, Sequence
 
 from .config import (CalibrateConfig, ClassifyConfig, DemoConfig, EvaluateConfig, PrepareConfig, ScoreConfig,
-                     TrainConfig, VacuumConfig)
+                     ServeConfig, TrainConfig, VacuumConfig)
 from .errors import SpamrayError
 
 
@@ -121,7 +121,7 @@ def start_ray() -> None:
     if ray.is_initialized():
         return
     level = logging.INFO if RAY_VERBOSE else logging.WARNING
-    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve"):
         logging.getLogger(name).setLevel(level)
     if not RAY_VERBOSE:
         for name, prefix in RAY_NOTICES.items():
@@ -192,6 +192,12 @@ def run_score(cfg: ScoreConfig) -> int:
     return 0
 
 
+def run_serve(cfg: ServeConfig) -> None:
+    from .serve import serve_classifier
+
+    serve_classifier(cfg)
+
+
 def run_vacuum(cfg: VacuumConfig) -> None:
     from .scores_table import ScoresTable
 
@@ -217,6 +223,8 @@ VERBS: dict[str, tuple[type, Callable, str]] = {
                   "target false-positive rate on a prepared folder's held-out data"),
     "classify": (ClassifyConfig, run_classify, "label a few messages (one JSON line each)"),
     "score": (ScoreConfig, run_score, "score Parquet/CSV archives with Ray Data into a Delta Lake table"),
+    "serve": (ServeConfig, run_serve, "classify messages online: the saved classifier behind HTTP with Ray Serve "
+              "(POST /classify, GET /healthz, GET /model), requests batched, or write its Serve config file"),
     "vacuum": (VacuumConfig, run_vacuum, "maintenance of a scores table: delete the files no version names (killed "
                "runs', replaced ones) once older than --retention-hours"),
     "demo": (DemoConfig, run_demo, "offline end to end: prepare, train a small GPT-2 from random weights, "

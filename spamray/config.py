@@ -178,3 +178,34 @@ class DemoConfig:
     num_workers: int = option(1, "Ray Train workers")
     precision: str = option("fp32", "training compute (train --precision): fp32, bf16 or auto",
                             choices=list(PRECISION_CHOICES))
+
+
+@dataclass
+class ServeConfig:
+    model: str = required("saved classifier folder or URL, loaded once by each replica; in a Serve config file it "
+                          "lives in the deployment's user_config, so that `serve deploy` of a new URL reloads the "
+                          "replicas in place")
+    replicas: int = option(1, "model replicas (Serve deployment replicas; one GPU each when GPUs exist)")
+    autoscale: str | None = option(None, "MIN:MAX replicas, scaled by Serve on ongoing requests instead of a fixed "
+                                   "--replicas")
+    cpus_per_replica: int = option(2, "CPUs (and torch threads) per replica")
+    use_gpu: bool | None = option(None, "one GPU per replica; default: when the cluster has GPUs (a --config-out "
+                                  "file: none unless asked)")
+    precision: str = option("auto", "what the replicas compute in, as for `spamray score --precision` (resolved on "
+                            "each replica's own hardware)", choices=list(PRECISION_CHOICES))
+    max_batch_size: int = option(256, "messages a replica scores in one model batch, gathered from concurrent "
+                                 "requests (Serve's @serve.batch, counted in messages); at least --max-texts")
+    batch_wait_ms: float = option(2.0, "how long a replica waits for more requests to join a batch once the first "
+                                  "has arrived")
+    max_texts: int = option(256, "messages one request may carry (more: 400)")
+    max_body_bytes: int = option(1 << 20, "largest request body accepted (more: 413)")
+    host: str = option("127.0.0.1", "address Serve's HTTP proxy binds: loopback unless you say otherwise (put the "
+                       "cluster's ingress, with TLS, in front of anything else)")
+    port: int = option(8000, "Serve's HTTP port")
+    token_file: str | None = option(None, "file holding a bearer token: every route but /healthz then requires "
+                                    "`Authorization: Bearer TOKEN` (default: the SPAMRAY_SERVE_TOKEN environment "
+                                    "variable, where set)")
+    config_out: str | None = option(None, "write the Serve config file (YAML, for `serve deploy`) for these "
+                                    "options here, and deploy nothing")
+    detach: bool = option(False, "on a cluster (RAY_ADDRESS): return once the application runs, leaving it "
+                          "deployed (`serve shutdown` stops it); default: serve until interrupted, then delete it")

@@ -127,8 +127,8 @@ class Scorer:
         if on_gpu:
             self.classifier.cuda()
         point = self.classifier.operating_point if threshold is None else None  # (a given threshold replaces it)
-        choice = resolve_precision(precision, on_gpu, operating_point=point and point.to_dict())
-        self.classifier.set_precision(choice.precision)
+        self.precision = resolve_precision(precision, on_gpu, operating_point=point and point.to_dict())
+        self.classifier.set_precision(self.precision.precision)
         self.columns = [probability_column(label) for label in self.classifier.labels]
         self.model_name = model_name
         self.node = replica_node()

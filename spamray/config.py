@@ -195,7 +195,7 @@ class ServeConfig:
                             "each replica's own hardware)", choices=list(PRECISION_CHOICES))
     max_batch_size: int = option(256, "messages a replica scores in one model batch, gathered from concurrent "
                                  "requests (Serve's @serve.batch, counted in messages); at least --max-texts")
-    batch_wait_ms: float = option(2.0, "how long a replica waits for more requests to join a batch once the first "
+    batch_wait_ms: float = option(25.0, "how long a replica waits for more requests to join a batch once the first "
                                   "has arrived")
     max_texts: int = option(256, "messages one request may carry (more: 400)")
     max_body_bytes: int = option(1 << 20, "largest request body accepted (more: 413)")

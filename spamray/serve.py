@@ -173,7 +173,7 @@ class ModelSettings:
 
     model: str
     max_batch_size: int = 256
-    batch_wait_ms: float = 2.0
+    batch_wait_ms: float = 25.0
 
     @classmethod
     def from_user_config(cls, user_config: dict | None, max_texts: int) -> "ModelSettings":
@@ -255,7 +255,7 @@ class Classifier:
         return JSONResponse({"model": scorer.model_name, "model_version": scorer.classifier.version,
                              "precision": scorer.precision.precision, "results": results})
 
-    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.002, batch_size_fn=messages_in)
+    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.025, batch_size_fn=messages_in)
     async def classify_batch(self, requests: list[tuple[list, list]]) -> list[tuple[list[dict], Scorer]]:
         scorer = self.scorer  # one model for the whole batch, named in each of its responses
         texts = [text for texts, _ in requests for text in texts]
@@ -364,6 +364,14 @@ def serve_config_document(cfg: ServeConfig, token_sha256: str | None, gpus: int 
     }
 
 
+def run_application(cfg: ServeConfig, token_sha256: str | None, gpus: int = 0) -> None:
+    """Starts Serve's proxies on cfg.host:cfg.port and deploys the classifier; returns once its
+    replicas answer."""
+    serve.start(http_options=serve_config_document(cfg, token_sha256, gpus)["http_options"])
+    application = Classifier.options(**deployment_options(cfg, gpus)).bind(replica_settings(cfg, token_sha256))
+    serve.run(application, name=APP_NAME, route_prefix="/")
+
+
 def is_loopback(host: str) -> bool:
     try:
         return host == "localhost" or ipaddress.ip_address(host).is_loopback
@@ -398,10 +406,7 @@ def serve_classifier(cfg: ServeConfig) -> None:
     import ray
 
     gpus = int(cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0)
-    document = serve_config_document(cfg, token_sha256, gpus)
-    serve.start(http_options=document["http_options"])
-    application = Classifier.options(**deployment_options(cfg, gpus)).bind(replica_settings(cfg, token_sha256))
-    serve.run(application, name=APP_NAME, route_prefix="/")
+    run_application(cfg, token_sha256, gpus)
     print(f"serving {cfg.model} (version {saved.model_version(metadata)}) at http://{cfg.host}:{cfg.port}: "
           "POST /classify, GET /healthz, GET /model", flush=True)
     if cfg.detach:

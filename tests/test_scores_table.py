@@ -150,7 +150,9 @@ def test_a_killed_run_leaves_the_table_as_it_was(ray_local, model_url, sms_messa
     args = score_command(model_url, place.join("archive"), out)
     score(ScoreConfig(model=model_url, input=place.join("archive"), output=out, incremental=True))
     before, version = read_frame(out), ScoresTable(out).read_state().version
-    new_days = {write_parquet(place, f"archive/day-{d}.parquet", sms_messages[d * 1200:(d + 1) * 1200]): 1200 for d in (1, 2, 3)}
+    # 1,800 new rows in 16-row batches and 64-row writes: dozens of data files are written over
+    # seconds, so the kill lands while writing; a commit's kill does not depend on the size.
+    new_days = {write_parquet(place, f"archive/day-{d}.parquet", sms_messages[d * 600:(d + 1) * 600]): 600 for d in (1, 2, 3)}
     if moment == "while writing":
         run = spamray_score(args)
         deadline = time.time() + 240

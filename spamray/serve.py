@@ -306,8 +306,8 @@ def deployment_options(cfg: ServeConfig, gpus: int = 0) -> dict:
                "ray_actor_options": {"num_cpus": cfg.cpus_per_replica, "num_gpus": gpus}}
     if cfg.autoscale:
         low, high = autoscale_bounds(cfg.autoscale)
-        # Scaled up once a replica holds more than a full batch of 1-message requests' worth of
-        # waiting work (bench/serve.py: a replica's throughput no longer grows past it).
+        # More replicas past 32 ongoing requests each: in bench/serve.py one replica gained no
+        # throughput from 32 to 128 concurrent 1-message requests, only latency.
         options["autoscaling_config"] = {"min_replicas": low, "max_replicas": high, "target_ongoing_requests": 32}
     else:
         options["num_replicas"] = cfg.replicas

@@ -160,10 +160,10 @@ class ReplicaSettings:
     """What a replica is built with (the application's `args` in a Serve config file): changing
     one restarts the replicas. The model and the batch settings are in `ModelSettings`."""
 
-    cpus: int = 2
-    precision: str = "auto"
-    max_texts: int = 256
-    max_body_bytes: int = 1 << 20
+    cpus: int = ServeConfig.cpus_per_replica  # (the defaults are the CLI's)
+    precision: str = ServeConfig.precision
+    max_texts: int = ServeConfig.max_texts
+    max_body_bytes: int = ServeConfig.max_body_bytes
     token_sha256: str | None = None
 
 
@@ -172,8 +172,8 @@ class ModelSettings:
     """The deployment's user_config: `serve deploy` of new values reconfigures replicas in place."""
 
     model: str
-    max_batch_size: int = 256
-    batch_wait_ms: float = 25.0
+    max_batch_size: int = ServeConfig.max_batch_size
+    batch_wait_ms: float = ServeConfig.batch_wait_ms
 
     @classmethod
     def from_user_config(cls, user_config: dict | None, max_texts: int) -> "ModelSettings":
@@ -211,6 +211,7 @@ class Classifier:
         model = ModelSettings.from_user_config(user_config, self.settings.max_texts)
         self.classify_batch.set_max_batch_size(model.max_batch_size)
         self.classify_batch.set_batch_wait_timeout_s(model.batch_wait_ms / 1000)
+        self.batching = model  # what /model reports (Serve's batch handler has no public getters)
         if self.scorer is None or model.model != self.scorer.model_name:
             scorer = await asyncio.to_thread(Scorer, model.model, self.settings.cpus, model.model,
                                              self.settings.precision)
@@ -247,7 +248,8 @@ class Classifier:
         if not authorized(request.headers.get("authorization"), self.settings.token_sha256):
             raise BadRequest(401, "this route needs `Authorization: Bearer TOKEN` with the server's token")
         if path == "/model":
-            return JSONResponse(describe(scorer))
+            batching = {"max_batch_size": self.batching.max_batch_size, "batch_wait_ms": self.batching.batch_wait_ms}
+            return JSONResponse({**describe(scorer), **batching})
         parsed = parse_classify(await read_body(request, self.settings.max_body_bytes), self.settings.max_texts)
         results, scorer = await self.classify_batch((parsed.texts, parsed.statuses)) if parsed.texts else ([], scorer)
         if parsed.ids is not None:
@@ -255,7 +257,9 @@ class Classifier:
         return JSONResponse({"model": scorer.model_name, "model_version": scorer.classifier.version,
                              "precision": scorer.precision.precision, "results": results})
 
-    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.025, batch_size_fn=messages_in)
+    # (reconfigure sets both from the user_config before any request arrives)
+    @serve.batch(max_batch_size=ModelSettings.max_batch_size, batch_wait_timeout_s=ModelSettings.batch_wait_ms / 1000,
+                 batch_size_fn=messages_in)
     async def classify_batch(self, requests: list[tuple[list, list]]) -> list[tuple[list[dict], Scorer]]:
         scorer = self.scorer  # one model for the whole batch, named in each of its responses
         texts = [text for texts, _ in requests for text in texts]

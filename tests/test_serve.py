@@ -173,7 +173,8 @@ def served(trained_enough, tmp_path_factory):
     port = free_port()
     process = spamray_process(SPAMRAY, ["serve", "--model", trained_enough, "--port", str(port), "--token-file",
                                         str(folder / "token"), "--cpus-per-replica", "1", "--precision", "fp32",
-                                        "--max-texts", "64", "--max-batch-size", "64", "--max-body-bytes", "65536"])
+                                        "--max-texts", "64", "--max-batch-size", "64", "--max-body-bytes", "65536",
+                                        "--batch-wait-ms", "5"])
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(base, process)
@@ -250,6 +251,7 @@ def test_every_route_but_healthz_needs_the_token(served, trained_enough):
     classifier = TextClassifier.load(trained_enough)
     assert status == 200 and model["model_version"] == classifier.version and model["labels"] == classifier.labels
     assert model["precision"] == "fp32" and model["max_length"] == classifier.max_length
+    assert model["max_batch_size"] == 64 and model["batch_wait_ms"] == pytest.approx(5)  # the user_config's, not the defaults
 
 
 def test_concurrent_requests_each_get_their_own_answers(served, trained_enough, sms_messages):

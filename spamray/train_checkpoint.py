@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
 MANIFEST_FILE = "manifest.json"
+CHECKPOINT_FILES = (MODEL_FILE, STATE_FILE)  # what the manifest vouches for
 
 
 class CheckpointNotWhole(SpamrayError):
@@ -41,7 +42,7 @@ def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], state: dict
     """Weights and training state into `folder`, then the manifest that vouches for them."""
     save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, folder / MODEL_FILE)
     torch.save(state, folder / STATE_FILE)
-    manifest = {"epoch": state["epoch"], "sha256": {name: file_sha256(folder / name) for name in (MODEL_FILE, STATE_FILE)}}
+    manifest = {"epoch": state["epoch"], "sha256": {name: file_sha256(folder / name) for name in CHECKPOINT_FILES}}
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
@@ -54,16 +55,33 @@ def read_checkpoint(checkpoint) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def check_whole(folder: Path, where: str) -> None:
-    manifest = folder / MANIFEST_FILE
-    if not manifest.exists():
-        raise CheckpointNotWhole(f"checkpoint {where} has no {MANIFEST_FILE}: its writing never finished (or a spamray "
-                                 "before checkpoint manifests wrote it: start the run afresh with another --run-name)")
-    for name, digest in json.loads(manifest.read_text())["sha256"].items():
+    """Raises CheckpointNotWhole unless the manifest is whole and vouches, by a digest each, for
+    the weights and the training state as they are."""
+    for name, digest in manifest_digests(folder / MANIFEST_FILE, where).items():
         if not (folder / name).exists():
             raise CheckpointNotWhole(f"checkpoint {where} lacks {name}, which its {MANIFEST_FILE} names")
         if file_sha256(folder / name) != digest:
             raise CheckpointNotWhole(f"checkpoint {where}: {name} differs from its digest in {MANIFEST_FILE} "
                                      "(cut short or changed after it was written)")
+
+
+def manifest_digests(manifest: Path, where: str) -> dict[str, str]:
+    """The manifest's digest of each checkpoint file. A manifest cut short, or one that names no
+    digest for a file, proves nothing: the checkpoint is not whole (and the one before is read)."""
+    if not manifest.exists():
+        raise CheckpointNotWhole(f"checkpoint {where} has no {MANIFEST_FILE}: its writing never finished (or a spamray "
+                                 "before checkpoint manifests wrote it: start the run afresh with another --run-name)")
+    try:
+        content = json.loads(manifest.read_text())
+    except ValueError:  # cut short while it was written
+        raise CheckpointNotWhole(f"checkpoint {where}: its {MANIFEST_FILE} is not whole JSON (cut short?)") from None
+    digests = content.get("sha256") if isinstance(content, dict) else None
+    if not isinstance(digests, dict) or not digests:
+        raise CheckpointNotWhole(f"checkpoint {where}: its {MANIFEST_FILE} names no digests")
+    for name in CHECKPOINT_FILES:
+        if not isinstance(digests.get(name), str) or not digests[name]:
+            raise CheckpointNotWhole(f"checkpoint {where}: its {MANIFEST_FILE} has no digest for {name}")
+    return {name: digests[name] for name in CHECKPOINT_FILES}
 
 
 def read_newest_whole(checkpoint) -> tuple[dict[str, torch.Tensor], dict, str | None]:

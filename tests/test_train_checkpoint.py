@@ -66,3 +66,20 @@ def test_each_reader_reads_a_copy_of_its_own_while_others_download_the_shared_on
     finally:
         stop.set()
         other.join()
+
+
+@pytest.mark.parametrize("manifest, problem", [
+    ('{"epoch": 2, "sha256": {"model.saf', "is not whole JSON"),
+    ('{"epoch": 2}', "names no digests"),
+    ('{"epoch": 2, "sha256": {}}', "names no digests"),
+    ('{"epoch": 2, "sha256": {"model.safetensors": "", "train_state.pt": ""}}', "has no digest for model.safetensors"),
+    ('["not", "a", "manifest"]', "names no digests"),
+])
+def test_a_latest_manifest_that_vouches_for_nothing_falls_back_to_the_one_before(tmp_path, manifest, problem):
+    first = a_checkpoint(tmp_path / "run", "checkpoint_2026-12-02_08-00-00.000001", epoch=1)
+    latest = a_checkpoint(tmp_path / "run", "checkpoint_2026-12-02_08-01-00.000001", epoch=2)
+    (tmp_path / "run" / "checkpoint_2026-12-02_08-01-00.000001" / MANIFEST_FILE).write_text(manifest)
+    with pytest.raises(CheckpointNotWhole, match=problem):
+        read_checkpoint(latest)
+    tensors, state, warning = read_newest_whole(latest)
+    assert state["epoch"] == 1 and torch.equal(tensors["w"], torch.full((4, 4), 1.0)) and first.path in warning

@@ -95,6 +95,9 @@ def parse_classify(body: bytes, max_texts: int) -> ClassifyRequest:
         for index, value in enumerate(ids):
             if isinstance(value, bool) or not isinstance(value, (str, int)):
                 raise BadRequest(400, f"ids[{index}] is {json_type(value)}; an id is a string or an integer")
+            if isinstance(value, str) and not utf8_encodable(value):  # it could not be sent back
+                raise BadRequest(400, f"ids[{index}] is a string with a lone surrogate (no UTF-8 exists for it); "
+                                      "send ids as valid Unicode")
     statuses = [None if utf8_encodable(text) else STATUS_UNDECODABLE for text in texts]
     return ClassifyRequest([text if status is None else None for text, status in zip(texts, statuses)], statuses, ids)
 

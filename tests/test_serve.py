@@ -82,6 +82,7 @@ def wait_until_healthy(base: str, process: subprocess.Popen | None = None, timeo
     (b'{"texts": ["ok", null]}', 400, "texts[1] is null, not a string"),
     (b'{"texts": ["a", "b"], "ids": [1]}', 400, "`ids` is a list of 1: give one id per text (2)"),
     (b'{"texts": ["a"], "ids": [true]}', 400, "ids[0] is a boolean"),
+    (b'{"texts": ["a", "b"], "ids": ["x", "bad \\udc80 id"]}', 400, "ids[1] is a string with a lone surrogate"),
     (b'{"texts": ["a"], "lang": "en"}', 400, "unknown field(s) ['lang']"),
     (json.dumps({"texts": ["a"] * 9}).encode(), 400, "`texts` has 9 messages, more than one request may carry (8"),
 ])
@@ -228,6 +229,7 @@ def test_bad_requests_get_4xx_and_the_replica_serves_on(served):
     for body, status, message in [
         (b"{not json", 400, "the body is not JSON"),
         (b'{"texts": [1]}', 400, "texts[0] is a number"),
+        (b'{"texts": ["a"], "ids": ["\\ud800"]}', 400, "ids[0] is a string with a lone surrogate"),
         (json.dumps({"texts": ["x"] * 65}).encode(), 400, "more than one request may carry (64"),
         (json.dumps({"texts": ["x" * 70_000]}).encode(), 413, "more than 65,536 (--max-body-bytes)"),
     ]:

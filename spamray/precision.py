@@ -35,20 +35,26 @@ class PrecisionChoice:
 
 
 def resolve_precision(requested: str, on_gpu: bool, flags: frozenset[str] | None = None,
-                      operating_point: dict | None = None) -> PrecisionChoice:
+                      operating_point: dict | None = None, threshold_given: bool = False) -> PrecisionChoice:
     """The precision scoring runs in: `requested` unless it is `auto`, which is bf16 on a GPU and
     on a CPU with bf16 units (`flags`, this machine's by default), fp32 elsewhere.
 
     A classifier with an operating point labels at bf16 only with a threshold calibration chose at
     bf16 (`threshold_problem`): `auto` falls back to fp32 where there is none, and an explicit
-    bf16 is refused."""
+    bf16 is refused. A threshold the user gave (`threshold_given`) is one number, chosen at no
+    precision spamray knows: `auto` applies it to fp32's probabilities, an explicit bf16 to bf16's,
+    and the reason says which."""
     if requested not in PRECISION_CHOICES:
         raise ValueError(f"unknown precision {requested!r}; choose one of {', '.join(PRECISION_CHOICES)}")
     if requested != "auto":
         problem = threshold_problem(operating_point, requested)
         if problem:
             raise ValueError(f"--precision {requested}: {problem}; score with --precision fp32, or calibrate again")
-        return PrecisionChoice(requested, "as asked (--precision)")
+        applied = f"; --threshold applied to {requested} probabilities" if threshold_given else ""
+        return PrecisionChoice(requested, f"as asked (--precision){applied}")
+    if threshold_given:
+        return PrecisionChoice("fp32", "auto: --threshold is applied to fp32 probabilities, as calibration chooses "
+                                       "thresholds (--precision bf16 applies it to bf16's)")
     if on_gpu:
         units = "a GPU (tensor cores)"
     else:
@@ -73,12 +79,13 @@ def threshold_problem(operating_point: dict | None, precision: str) -> str | Non
             f"chooses one at every precision")
 
 
-def cluster_precision(requested: str, operating_point: dict | None = None, probe_cpus: float = 0.25) -> PrecisionChoice:
+def cluster_precision(requested: str, operating_point: dict | None = None, probe_cpus: float = 0.25,
+                      threshold_given: bool = False) -> PrecisionChoice:
     """`resolve_precision` for the Ray cluster's workers: `auto` follows their hardware, the
     cluster's GPUs, else the CPU of a node that runs tasks (a probe task of `probe_cpus`; the
     driver may sit on a head node of another kind that runs none)."""
-    if requested != "auto":
-        return resolve_precision(requested, on_gpu=False, operating_point=operating_point)
+    if requested != "auto" or threshold_given:
+        return resolve_precision(requested, False, frozenset(), operating_point, threshold_given)
     import ray
 
     on_gpu = ray.cluster_resources().get("GPU", 0) > 0

@@ -238,7 +238,7 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     if cfg.threshold is not None:
         if len(labels) != 2:
             raise ValueError(f"--threshold applies to a classifier of two labels; {cfg.model} has {len(labels)}")
-        model_version = f"{classifier_version}-t{cfg.threshold:g}"  # other labels
+        model_version = f"{classifier_version}-t{cfg.threshold!r}"  # other labels (repr: every digit)
     carried_columns = [c for c in dict.fromkeys([cfg.id_column, *cfg.keep]) if c and c != cfg.text_column]
     check_output_names(carried_columns, labels)
     table = ScoresTable(cfg.output)
@@ -256,7 +256,8 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     from .scores_sink import new_run_id
 
     operating_point = metadata.get("operating_point") if cfg.threshold is None else None
-    precision = cluster_precision(cfg.precision, operating_point, TASK_CPUS)  # a refusal comes before any work
+    precision = cluster_precision(cfg.precision, operating_point, TASK_CPUS,  # a refusal comes before any work
+                                  threshold_given=cfg.threshold is not None)
     threshold = (cfg.threshold if operating_point is None
                  else OperatingPoint(**operating_point).threshold_at(precision.precision))
     run = Run(new_run_id(), table, state, to_score, rows_to_score, mode, model_version, classifier_version,

@@ -112,3 +112,27 @@ def test_a_precision_the_threshold_was_not_checked_at_is_refused_before_any_work
     assert "chosen at fp32 only" in capsys.readouterr().err and not out.exists()
     with pytest.raises(ValueError, match="chosen at fp32 only: run `spamray calibrate` again"):
         at_precision(TextClassifier.load(old), "bf16").predict(["free entry"])
+
+
+def test_a_threshold_given_on_the_command_line_is_applied_at_fp32_unless_bf16_is_asked_for():
+    # A number from the user has no precision it was chosen at; calibration's thresholds do.
+    bf16_units = frozenset({"avx512_bf16"})
+    choice = resolve_precision("auto", False, bf16_units, None, threshold_given=True)
+    assert choice.precision == "fp32" and "--threshold" in choice.reason
+    asked = resolve_precision("bf16", False, bf16_units, None, threshold_given=True)
+    assert asked.precision == "bf16" and "--threshold" in asked.reason and "bf16 probabilities" in asked.reason
+
+
+def test_a_scoring_run_with_a_threshold_says_what_it_applies_it_to(ray_local, model_url, sms_messages, tmp_path,
+                                                                    monkeypatch):
+    monkeypatch.setattr("spamray.precision.cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))  # a bf16 CPU
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    pq.write_table(pa.table({"text": sms_messages[:20]}), archive / "a.parquet")
+    runs = {}
+    for name, threshold in [("plain", None), ("threshold", 0.6)]:
+        out = str(tmp_path / name)
+        summary = score(ScoreConfig(model=model_url, input=str(archive), output=out, threshold=threshold))
+        runs[name] = summary.precision, commit_record(out, summary.table_version)["precision_reason"]
+    assert runs["plain"][0] == "bf16"  # auto on this (pretended) CPU, without a threshold
+    assert runs["threshold"][0] == "fp32" and "--threshold" in runs["threshold"][1]

@@ -359,3 +359,14 @@ def test_a_batch_is_refused_for_its_own_crashes_not_for_the_retries_of_its_task(
                 break  # the replica died scoring it: no finish
             crashes.finish(batch)
     assert refused == [killer]  # the first batch, and a.parquet with it, commits
+
+
+def test_thresholds_that_differ_past_six_digits_are_different_scorings(ray_local, model_url, sms_messages, tmp_path):
+    # Low false-positive targets put thresholds at 0.99999..., where `:g` kept six digits.
+    archive, out = tmp_path / "archive", str(tmp_path / "scores")
+    archive.mkdir()
+    pq.write_table(pa.table({"text": sms_messages[:20]}), archive / "a.parquet")
+    first = score(ScoreConfig(model=model_url, input=str(archive), output=out, incremental=True, threshold=0.9999971))
+    second = score(ScoreConfig(model=model_url, input=str(archive), output=out, incremental=True, threshold=0.9999974))
+    assert second.files_scored == 1 and second.table_version == first.table_version + 1
+    assert set(read_output(out)["model_version"]) == {f"{TextClassifier.load(model_url).version}-t0.9999974"}

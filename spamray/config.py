@@ -22,6 +22,12 @@ def required(help: str, **extra):
     return field(metadata={"help": help, "required": True, **extra})
 
 
+def quoted_tsv_option():
+    """TSV as most tools write it has no quoting: a line is a row and a quote is text."""
+    return option(False, "read TSV files with CSV's double quotes (a quoted field may hold tabs and line breaks); "
+                  "by default a TSV line is one row and a quote in it is text, as TSV is written")
+
+
 @dataclass
 class PrepareConfig:
     output: str = required("folder or URL for train/validation/test Parquet and labels.json")
@@ -29,6 +35,7 @@ class PrepareConfig:
                         "or a TSV/CSV/Parquet file at a path or fsspec URL")
     text_column: str = option("text", "column holding the message text (files with a header)")
     label_column: str = option("label", "column holding the label (files with a header)")
+    quoted_tsv: bool = quoted_tsv_option()
     labels: str | None = option(None, "comma-separated label order; default: ham,spam as 'not spam','spam', "
                                 "else the labels sorted")
     positive_label: str | None = option(None, "the class a binary classifier flags, whose false-positive rate "
@@ -108,6 +115,7 @@ class EvaluateConfig:
     split: str = option("test", "split to evaluate when DATA is a prepared folder")
     text_column: str = option("text", "text column of a labelled file")
     label_column: str = option("label", "label column of a labelled file (label names or ids)")
+    quoted_tsv: bool = quoted_tsv_option()
     output: str | None = option(None, "folder for roc.png, precision_recall.png and evaluation.json (binary "
                                 "classifiers)")
     precision: str = option("fp32", "compute as a scoring replica at this precision does (score --precision: bf16 "
@@ -141,6 +149,7 @@ class ScoreConfig:
     text_column: str = option("text", "column holding the message text")
     id_column: str | None = option(None, "column that identifies a message (carried through)")
     keep: list[str] = option([], "more input columns to carry into the output", nargs="*")
+    quoted_tsv: bool = quoted_tsv_option()
     incremental: bool = option(False, "score only input files that are new or changed since the last run")
     overwrite: bool = option(False, "replace earlier output (non-incremental runs only)")
     replicas: int = option(1, "model replicas (actors); one GPU each when GPUs exist")

@@ -81,7 +81,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if data.endswith(".parquet") and storage.exists(data) and "label_name" in pd.read_parquet(data).columns:
         frame = pd.read_parquet(data, columns=["text", "label_name"]).rename(columns={"label_name": "label"})
     else:
-        frame = read_labelled(data, cfg.text_column, cfg.label_column)
+        frame = read_labelled(data, cfg.text_column, cfg.label_column, cfg.quoted_tsv)
     true_ids = label_ids(frame["label"], classifier.labels, data)
     logits = logits_of(classifier, frame["text"].tolist())
     probs = classifier.probabilities(logits)

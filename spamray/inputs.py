@@ -12,16 +12,16 @@ and still report the failure.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from . import storage
+from . import delimited, storage
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "tsv"}
 # CSV/TSV dumps are often compressed whole; Parquet compresses inside the file.
@@ -68,27 +68,35 @@ def file_format(url: str) -> tuple[str, str | None]:
 def list_input_files(url: str, exclude: str | None = None) -> tuple[list[InputFile], list[SkippedFile]]:
     """The data files behind a file, folder or glob, and every other file found there with the
     reason it is not read: hidden or temporary paths, unknown types, the `exclude` folder (the
-    output table, when it sits under the input path)."""
+    output table, when it sits under the input path). A file named explicitly is read whatever
+    its name; a path that exists is that path, even where it holds `*?[`.
+
+    Each file is named as the store lists it, and a local path in its one normal form: the URL of
+    a file is its identity in the scores table, the same however the input was spelled."""
     fs, path = storage.url_to_fs(url)
-    glob_at = min((path.find(char) for char in "*?[" if char in path), default=-1)
-    if glob_at >= 0:
-        base, paths = path[:path.rfind("/", 0, glob_at) + 1], fs.glob(path)
-    elif fs.isdir(path):
-        base, paths = path.rstrip("/") + "/", fs.find(path)
+    if storage.is_local(url):
+        path = os.path.normpath(path)
+    if fs.isdir(path):
+        base, found = path.rstrip("/") + "/", fs.find(path, detail=True)
     elif fs.exists(path):
         file_format(url)  # a single file named explicitly must be readable: fail now, not later
-        base, paths = "", [path]
+        base, found = None, {path: fs.info(path)}
+    elif any(char in path for char in "*?["):
+        glob_at = min(path.find(char) for char in "*?[" if char in path)
+        base, found = path[:path.rfind("/", 0, glob_at) + 1], fs.glob(path, detail=True)
     else:
         raise FileNotFoundError(f"input {url} does not exist (or cannot be read with the credentials at hand)")
     excluded = storage.url_to_fs(exclude)[1].rstrip("/") + "/" if exclude else None
     local = storage.is_local(url)
     files, skipped, skipped_table = [], [], False
-    for p in sorted(paths):
+    for p, info in sorted(found.items()):
+        if info.get("type") == "directory":
+            continue
         name = p if local else fs.unstrip_protocol(p)
         if excluded and (p + "/").startswith(excluded):
             skipped_table = True
             continue
-        if any(part.startswith(HIDDEN_PREFIXES) for part in p[len(base):].split("/")):
+        if base is not None and any(part.startswith(HIDDEN_PREFIXES) for part in p[len(base):].split("/")):
             skipped.append(SkippedFile(name, "hidden or temporary path (a name starting with '_' or '.')"))
             continue
         try:
@@ -96,7 +104,6 @@ def list_input_files(url: str, exclude: str | None = None) -> tuple[list[InputFi
         except ValueError as error:
             skipped.append(SkippedFile(name, str(error).split(": ", 1)[1]))
             continue
-        info = fs.info(p)
         files.append(InputFile(url=name, size=int(info.get("size") or 0), version=input_version(info)))
     if skipped_table:
         skipped.append(SkippedFile(exclude, "the output table itself, under the input path"))
@@ -118,17 +125,17 @@ def open_input(url: str):
     return fs.open(path, "rb", compression=file_format(url)[1])
 
 
-def file_schema(file: InputFile) -> tuple[pa.Schema, int | None]:
+def file_schema(file: InputFile, quoted_tsv: bool = False) -> tuple[pa.Schema, int | None]:
     """The file's columns, and its rows where its footer says (Parquet; a CSV is not counted)."""
     with open_input(file.url) as handle:
         if file.format == "parquet":
             metadata = pq.ParquetFile(handle).metadata
             return metadata.schema.to_arrow_schema(), metadata.num_rows
-        return pacsv.open_csv(handle, parse_options=_parse_options(file.format)).schema, None
+        return pa.schema([(name, pa.string()) for name in delimited.header(handle, file.format, quoted_tsv)]), None
 
 
 def check_inputs(files: list[InputFile], text_column: str, carried: list[str],
-                 table_types: dict[str, pa.DataType] | None = None,
+                 table_types: dict[str, pa.DataType] | None = None, quoted_tsv: bool = False,
                  ) -> tuple[dict[str, pa.DataType], dict[str, str], dict[str, int | None]]:
     """Before any work: (the output type of each carried column, files that cannot be read or
     stored -> why, each readable file's rows where known).
@@ -145,7 +152,7 @@ def check_inputs(files: list[InputFile], text_column: str, carried: list[str],
     rows: dict[str, int | None] = {}
     for file in files:
         try:
-            schema, rows[file.url] = file_schema(file)
+            schema, rows[file.url] = file_schema(file, quoted_tsv)
         except Exception as error:  # a broken file of any kind: reported, never the whole run
             unreadable[file.url] = f"cannot be read as {file.format}: {error}"
             continue
@@ -207,12 +214,8 @@ def delta_type(kind: pa.DataType) -> pa.DataType:
     return kind
 
 
-def _parse_options(file_format: str) -> pacsv.ParseOptions:
-    # Quoted messages may hold line breaks: slower to parse, but no message is split in two.
-    return pacsv.ParseOptions(delimiter="\t" if file_format == "tsv" else ",", newlines_in_values=True)
-
-
-def read_chunks(file_url: str, text_column: str, carried: dict[str, pa.DataType], chunk_rows: int) -> Iterator[pa.Table]:
+def read_chunks(file_url: str, text_column: str, carried: dict[str, pa.DataType], chunk_rows: int,
+                quoted_tsv: bool = False) -> Iterator[pa.Table]:
     """The file's rows in chunks: `text` (string, null where absent or undecodable), `status`
     ("undecodable" or null), the carried columns, `source_file`, `source_row`, `file_error`.
 
@@ -221,7 +224,8 @@ def read_chunks(file_url: str, text_column: str, carried: dict[str, pa.DataType]
     first_row = 0
     try:
         with open_input(file_url) as handle:
-            for batch in _record_batches(handle, file_format(file_url)[0], [text_column, *carried], chunk_rows):
+            for batch in _record_batches(handle, file_format(file_url)[0], [text_column, *carried], chunk_rows,
+                                         quoted_tsv):
                 if batch.num_rows == 0:
                     continue
                 text, status = decode_text(batch.column(text_column))
@@ -232,7 +236,8 @@ def read_chunks(file_url: str, text_column: str, carried: dict[str, pa.DataType]
     except Exception as error:  # any failure, named with the file; see the docstring
         columns = {"text": pa.nulls(1, pa.string()), "status": pa.array([STATUS_READ_ERROR])}
         columns.update({name: pa.nulls(1, kind) for name, kind in carried.items() if name != "text"})
-        yield _with_source(columns, file_url, np.array([-1]), f"{type(error).__name__}: {error}")
+        problem = str(error) if isinstance(error, delimited.RowError) else f"{type(error).__name__}: {error}"
+        yield _with_source(columns, file_url, np.array([-1]), problem)
 
 
 def _with_source(columns: dict, file_url: str, rows: np.ndarray, error: str | None) -> pa.Table:
@@ -242,24 +247,14 @@ def _with_source(columns: dict, file_url: str, rows: np.ndarray, error: str | No
     return pa.table(columns)
 
 
-def _record_batches(handle, file_kind: str, columns: list[str], chunk_rows: int) -> Iterator[pa.RecordBatch]:
+def _record_batches(handle, file_kind: str, columns: list[str], chunk_rows: int, quoted_tsv: bool) -> Iterator:
     columns = list(dict.fromkeys(columns))
     if file_kind == "parquet":
         yield from pq.ParquetFile(handle).iter_batches(batch_size=chunk_rows, columns=columns)
         return
-    # The text is read as bytes so that one bad byte sequence marks one row, not the whole file;
-    # other columns as text, whatever they look like, so that every file gives them one type.
-    reader = pacsv.open_csv(
-        handle,
-        read_options=pacsv.ReadOptions(block_size=1 << 22),
-        parse_options=_parse_options(file_kind),
-        convert_options=pacsv.ConvertOptions(
-            include_columns=columns, column_types={name: pa.binary() if i == 0 else pa.string() for i, name in enumerate(columns)},
-            strings_can_be_null=False, quoted_strings_can_be_null=False),
-    )
-    for batch in reader:
-        for start in range(0, batch.num_rows, chunk_rows):
-            yield batch.slice(start, chunk_rows)
+    # The text as the bytes written, so that one bad byte sequence marks one row, not the whole
+    # file; other columns as text, whatever they look like, so that every file gives them one type.
+    yield from delimited.batches(handle, file_kind, columns, chunk_rows, binary=columns[0], quoted_tsv=quoted_tsv)
 
 
 def decode_text(column: pa.Array) -> tuple[pa.Array, pa.Array]:

@@ -17,8 +17,9 @@ from importlib import resources
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 
-from . import storage
+from . import delimited, storage
 from .config import PrepareConfig
 from .errors import SpamrayError
 from .operating_point import default_positive
@@ -64,21 +65,15 @@ def download_uci_collection(url: str = UCI_ZIP_URL) -> pd.DataFrame:
     return read_sms_collection(data, url)
 
 
-def read_table(url: str, columns: list[str]) -> pd.DataFrame:
+def read_table(url: str, columns: list[str], quoted_tsv: bool = False) -> pd.DataFrame:
     """A labelled TSV/CSV/Parquet file with a header, as strings; every named column must exist."""
     name = url.rstrip("/").rsplit("/", 1)[-1].lower()
     if not storage.exists(url):
         raise FileNotFoundError(f"{url} does not exist")
-    try:
-        if name.endswith((".parquet", ".pq")):
-            frame = pd.read_parquet(url)
-        else:
-            sep = "," if name.endswith(".csv") else "\t"
-            fs, path = storage.url_to_fs(url)
-            with fs.open(path, "rb") as handle:
-                frame = pd.read_csv(handle, sep=sep, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"{url} is empty: expected a header line and at least one row") from None
+    if name.endswith((".parquet", ".pq")):
+        frame = pd.read_parquet(url)
+    else:
+        frame = read_delimited(url, "csv" if name.endswith(".csv") else "tsv", quoted_tsv)
     missing = [column for column in columns if column not in frame.columns]
     if missing:
         raise ValueError(f"{url} has no column {missing[0]!r}; its columns are {list(frame.columns)}. "
@@ -88,7 +83,24 @@ def read_table(url: str, columns: list[str]) -> pd.DataFrame:
     return frame[columns].rename(columns={columns[0]: "text", columns[1]: "label"})
 
 
-def read_labelled(source: str, text_column: str = "text", label_column: str = "label") -> pd.DataFrame:
+def read_delimited(url: str, kind: str, quoted_tsv: bool) -> pd.DataFrame:
+    """Every column of a CSV/TSV file as strings, read strictly: a row that cannot be told from
+    the next fails the file, named."""
+    fs, path = storage.url_to_fs(url)
+    with fs.open(path, "rb") as handle:
+        try:
+            names = delimited.header(handle, kind, quoted_tsv)
+            handle.seek(0)
+            parts = list(delimited.batches(handle, kind, names, 1 << 16, quoted_tsv=quoted_tsv))
+        except delimited.EmptyFile:
+            raise ValueError(f"{url} is empty: expected a header line and at least one row") from None
+        except delimited.RowError as error:
+            raise ValueError(f"{url}: {error}") from None
+    return pa.concat_tables(parts).to_pandas() if parts else pd.DataFrame(columns=names)
+
+
+def read_labelled(source: str, text_column: str = "text", label_column: str = "label",
+                  quoted_tsv: bool = False) -> pd.DataFrame:
     """Columns `text`, `label` (as in the file) and `source_row` (1-based data row number)."""
     if source == "sms":
         frame = shipped_sms_collection()
@@ -97,7 +109,7 @@ def read_labelled(source: str, text_column: str = "text", label_column: str = "l
     elif source.rstrip("/").endswith("SMSSpamCollection"):
         frame = read_sms_collection(storage.read_bytes(source), source)
     else:
-        frame = read_table(source, [text_column, label_column])
+        frame = read_table(source, [text_column, label_column], quoted_tsv)
     frame = frame.reset_index(drop=True)
     frame["text"] = frame["text"].astype(object)
     frame["label"] = frame["label"].astype(str)
@@ -171,7 +183,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     """Reads, checks, balances and splits `cfg.input`; writes the splits; returns the counts."""
     if not (0 < cfg.train_fraction and 0 <= cfg.validation_fraction and cfg.train_fraction + cfg.validation_fraction < 1):
         raise ValueError("need 0 < train_fraction, 0 <= validation_fraction and their sum below 1 (the rest is test)")
-    frame = read_labelled(cfg.input, cfg.text_column, cfg.label_column)
+    frame = read_labelled(cfg.input, cfg.text_column, cfg.label_column, cfg.quoted_tsv)
     values, names = label_order(frame["label"], cfg.labels)
     problems = bad_rows(frame, values)
     if len(problems) and not cfg.skip_bad_rows:

@@ -246,7 +246,7 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     state = table.read_state()
     table_types = {name: state.schema.field(name).type for name in carried_columns
                    if state.schema is not None and name in state.schema.names}
-    carried_types, failed, rows = check_inputs(files, cfg.text_column, carried_columns, table_types)
+    carried_types, failed, rows = check_inputs(files, cfg.text_column, carried_columns, table_types, cfg.quoted_tsv)
     keep_text = "text" in cfg.keep or cfg.text_column in cfg.keep
     data_schema = output_schema(carried_types, keep_text, labels)
     table.check_columns(state, table_schema(data_schema))
@@ -397,7 +397,7 @@ def scoring_pipeline(cfg: ScoreConfig, run: Run, batch_crashes):
         ray.data.from_items([{"path": f.url} for f in run.to_score], override_num_blocks=len(run.to_score))
         .map_batches(_read_files, batch_size=1, batch_format="pyarrow", num_cpus=TASK_CPUS,
                      fn_kwargs={"text_column": cfg.text_column, "carried": run.carried_types,
-                                "chunk_rows": cfg.read_batch_rows})
+                                "chunk_rows": cfg.read_batch_rows, "quoted_tsv": cfg.quoted_tsv})
         .map_batches(tokenize_batch, batch_size=batch_rows * 4, batch_format="pyarrow", num_cpus=TASK_CPUS,
                      fn_kwargs={"max_length": run.max_length, "keep_text": run.keep_text})
         .map_batches(Scorer, batch_size=batch_rows, batch_format="pyarrow",
@@ -443,9 +443,10 @@ def replica_cpu_reservation(replicas: int, cpus_per_replica: int, cluster_cpus: 
     return float(min(cpus_per_replica, share)) if share >= 0.5 else 0.5
 
 
-def _read_files(batch: pa.Table, text_column: str, carried: dict[str, pa.DataType], chunk_rows: int):
+def _read_files(batch: pa.Table, text_column: str, carried: dict[str, pa.DataType], chunk_rows: int,
+                quoted_tsv: bool):
     for path in batch["path"].to_pylist():
-        yield from read_chunks(path, text_column, carried, chunk_rows)
+        yield from read_chunks(path, text_column, carried, chunk_rows, quoted_tsv)
 
 
 def format_summary(summary: ScoreSummary) -> str:

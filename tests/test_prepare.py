@@ -109,3 +109,17 @@ def test_missing_input_file(tmp_path):
 def test_existing_output_needs_overwrite(prepared_sms):
     with pytest.raises(FileExistsError, match="already exists"):
         prepare(PrepareConfig(output=prepared_sms))
+
+
+def test_a_labelled_tsv_is_read_as_tsv_is_written_unless_quoting_is_asked_for(tmp_path):
+    # A message that begins with a quote stays one row, as in the SMS Spam Collection itself.
+    quote = '"'
+    lines = ["text\tlabel"] + [f"{quote if i == 3 else ''}message {i}\t{['ham', 'spam'][i % 2]}" for i in range(40)]
+    (tmp_path / "in.tsv").write_text("\n".join(lines) + "\n")
+    frame = read_labelled(str(tmp_path / "in.tsv"))
+    assert len(frame) == 40 and frame["text"][3] == '"message 3'
+    (tmp_path / "quoted.tsv").write_text('text\tlabel\n"two\ttabs\there"\tspam\nplain\tham\n')
+    quoted = read_labelled(str(tmp_path / "quoted.tsv"), quoted_tsv=True)
+    assert quoted["text"].tolist() == ["two\ttabs\there", "plain"]
+    with pytest.raises(ValueError, match=r"quoted.tsv: data row 1 \(line 2\) has 4 fields, the header 2"):
+        read_labelled(str(tmp_path / "quoted.tsv"))

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from urllib.parse import unquote
@@ -186,6 +187,8 @@ class ScoresTable:
     def __init__(self, url: str):
         self.fs, self.path = storage.url_to_fs(str(url).rstrip("/"))
         self.local = storage.is_local(url)
+        if self.local:  # one table, however its path is spelled
+            self.path = os.path.normpath(self.path)
         self.url = self.path if self.local else self.fs.unstrip_protocol(self.path)
 
     # -- reading the log --------------------------------------------------------------------

@@ -332,7 +332,7 @@ def score_into_table(cfg: ScoreConfig, run: Run, summary: ScoreSummary) -> None:
         record = {"model": cfg.model, "model_version": run.model_version, "threshold": summary.threshold,
                   "precision": precision, "precision_reason": run.precision.reason}
         sink = ScoresSink(table, run.state, run.run_id, run.model_version, run.mode, run.data_schema, run.to_score,
-                          record, WRITE_BATCH_ROWS, rows_written)
+                          record, WRITE_BATCH_ROWS, rows_written, failed_up_front=set(summary.files_failed))
         write_with_progress(dataset, sink, rows_written, run.rows_to_score)
     finally:
         ray.kill(batch_crashes)

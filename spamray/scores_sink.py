@@ -52,10 +52,11 @@ class SinkOutcome:
 class ScoresSink(Datasink):
     def __init__(self, table: ScoresTable, state: TableState, run_id: str, model_version: str, mode: str,
                  data_schema: pa.Schema, inputs: list[InputFile], metadata: dict, rows_per_write: int,
-                 rows_written=None):
+                 rows_written=None, failed_up_front: set[str] = frozenset()):
         self.table, self.state, self.run_id = table, state, run_id
         self.model_version, self.mode, self.data_schema = model_version, mode, data_schema
         self.inputs = {file.url: file for file in inputs}
+        self.failed_up_front = set(failed_up_front)  # inputs not scored, whose rows an overwrite keeps
         self.metadata, self.rows_per_write, self.rows_written = metadata, rows_per_write, rows_written
         self.outcome = SinkOutcome()
 
@@ -95,7 +96,8 @@ class ScoresSink(Datasink):
         self.outcome.file_errors.update(audit.file_errors)
         scored = [file for file in scored if file.url not in audit.file_errors]
         self.outcome.output = RunOutput(self.run_id, self.model_version, self.mode, {f.url: f for f in scored},
-                                        {f.url: files[f.url] for f in scored}, failed=set(self.outcome.file_errors))
+                                        {f.url: files[f.url] for f in scored},
+                                        failed=set(self.outcome.file_errors) | self.failed_up_front)
         record = {**self.metadata, "run_id": self.run_id, "files_scored": len(scored), "rows": audit.rows_written,
                   "files_failed": self.outcome.file_errors}
         self.outcome.result = self.table.commit(self.state, self.outcome.output, table_schema(self.data_schema),

@@ -322,3 +322,20 @@ def test_reading_and_vacuuming_exit_zero_in_fresh_processes(ray_local, model_url
     codes = [subprocess.run([sys.executable, "-c", READ_AND_MAINTAIN, out, "10"], capture_output=True, timeout=120).returncode
              for _ in range(10)]
     assert codes == [0] * 10
+
+
+def test_overwrite_keeps_the_rows_of_an_input_that_fails_the_up_front_check(ray_local, model_url, sms_messages, place,
+                                                                           capsys):
+    whole = pa.BufferOutputStream()
+    pq.write_table(pa.table({"text": sms_messages[:50]}), whole)
+    a = put_bytes(place, "archive/a.parquet", whole.getvalue().to_pybytes())
+    b = write_parquet(place, "archive/b.parquet", sms_messages[50:70])
+    out = place.join("scores")
+    args = ["score", "--model", model_url, "--input", place.join("archive"), "--output", out]
+    assert main(args) == 0
+    put_bytes(place, "archive/a.parquet", whole.getvalue().to_pybytes()[:300])  # truncated after that night
+    write_parquet(place, "archive/b.parquet", sms_messages[100:110])
+    assert main([*args, "--overwrite"]) == 1
+    printed = capsys.readouterr()
+    assert f"FAILED {a}" in printed.out and "nothing of it committed; the next run tries it again" in printed.out
+    assert_every_row_once(out, {a: 50, b: 10})  # a's earlier rows stay, as the message says

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from .config import (CalibrateConfig, ClassifyConfig, DemoConfig, EvaluateConfig, PrepareConfig, ScoreConfig,
                      ServeConfig, TrainConfig, VacuumConfig)
-from .errors import SpamrayError
+from .errors import USER_ERRORS
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
@@ -231,9 +231,8 @@ VERBS: dict[str, tuple[type, Callable, str]] = {
              "evaluate, score"),
 }
 
-# Errors that mean the input, the settings or the storage are wrong: one clear line, no traceback.
+# USER_ERRORS mean the input, the settings or the storage are wrong: one clear line, no traceback.
 # Anything else (a bug, CUDA out of memory) prints its traceback.
-USER_ERRORS = (SpamrayError, ValueError, FileNotFoundError, FileExistsError, PermissionError)
 
 
 def build_parser() -> argparse.ArgumentParser:

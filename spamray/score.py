@@ -21,7 +21,7 @@ import pyarrow as pa
 from . import saved, storage
 from .config import ScoreConfig
 from .driver_actors import BatchCrashes, RowsWritten, start_beside_driver
-from .errors import SpamrayError
+from .errors import SpamrayError, last_line, store_step
 from .classifier import probability_column
 from .inputs import InputFile, check_inputs, list_input_files, read_chunks
 from .operating_point import OperatingPoint
@@ -230,9 +230,27 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     failed (unreadable, changed during the run, or a batch of them kept killing its replica) are
     in `files_failed`; the others are committed."""
     started = time.time()
-    metadata = saved.read_metadata(cfg.model)  # a model that cannot load fails before any work
-    if not storage.exists(storage.join(cfg.model, metadata["weights"]["file"])):
-        raise saved.SavedClassifierError(f"{cfg.model} is incomplete: {metadata['weights']['file']} is missing")
+    run, summary = plan_run(cfg)
+    if run.to_score:
+        score_into_table(cfg, run, summary)
+    else:
+        logger.info(f"nothing new to score in {cfg.input} ({summary.files_seen - len(summary.files_failed)} readable "
+                    f"files already scored with model {run.model_version})")
+    for url, error in summary.files_failed.items():
+        logger.error(f"FAILED {url}: {error} (nothing of it committed; the next run tries it again)")
+    summary.seconds = time.time() - started
+    summary.rows_per_second = summary.rows_written / summary.seconds
+    logger.info(format_summary(summary))
+    return summary
+
+
+def plan_run(cfg: ScoreConfig) -> tuple[Run, ScoreSummary]:
+    """Everything settled before any Ray work: the classifier, the files to score (those the
+    mode asks for, checked up front), the output's columns and the precision."""
+    with store_step(f"reading the classifier {cfg.model}"):
+        metadata = saved.read_metadata(cfg.model)  # a model that cannot load fails before any work
+        if not storage.exists(storage.join(cfg.model, metadata["weights"]["file"])):
+            raise saved.SavedClassifierError(f"{cfg.model} is incomplete: {metadata['weights']['file']} is missing")
     classifier_version, labels, max_length = saved.model_version(metadata), metadata["labels"], metadata["max_length"]
     model_version = classifier_version
     if cfg.threshold is not None:
@@ -242,16 +260,19 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     carried_columns = [c for c in dict.fromkeys([cfg.id_column, *cfg.keep]) if c and c != cfg.text_column]
     check_output_names(carried_columns, labels)
     table = ScoresTable(cfg.output)
-    files, skipped = list_input_files(cfg.input, exclude=table.url)
-    state = table.read_state()
+    with store_step(f"listing {cfg.input}"):
+        files, skipped = list_input_files(cfg.input, exclude=table.url)
+    with store_step(f"reading the table {table.url}"):
+        state = table.read_state()
+    mode = "incremental" if cfg.incremental else "overwrite" if cfg.overwrite else "create"
+    planned = plan_inputs(state, files, model_version, mode)
     table_types = {name: state.schema.field(name).type for name in carried_columns
                    if state.schema is not None and name in state.schema.names}
-    carried_types, failed, rows = check_inputs(files, cfg.text_column, carried_columns, table_types, cfg.quoted_tsv)
+    carried_types, failed, rows = check_inputs(planned, cfg.text_column, carried_columns, table_types, cfg.quoted_tsv)
     keep_text = "text" in cfg.keep or cfg.text_column in cfg.keep
     data_schema = output_schema(carried_types, keep_text, labels)
     table.check_columns(state, table_schema(data_schema))
-    mode = "incremental" if cfg.incremental else "overwrite" if cfg.overwrite else "create"
-    to_score = plan_inputs(state, [f for f in files if f.url not in failed], model_version, mode)
+    to_score = [f for f in planned if f.url not in failed]
     rows_to_score = sum(rows[f.url] for f in to_score) if all(rows[f.url] is not None for f in to_score) else None
     from .scores_sink import new_run_id
 
@@ -266,27 +287,11 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
                            threshold=threshold, files_failed=failed, files_skipped=[asdict(f) for f in skipped])
     for file in skipped:
         logger.info(f"skipped {file.url}: {file.reason}")
-    if run.to_score:
-        score_into_table(cfg, run, summary)
-    else:
-        logger.info(f"nothing new to score in {cfg.input} ({len(files) - len(failed)} readable files already scored "
-            f"with model {model_version})")
-    for url, error in summary.files_failed.items():
-        logger.error(f"FAILED {url}: {error} (nothing of it committed; the next run tries it again)")
-    summary.seconds = time.time() - started
-    summary.rows_per_second = summary.rows_written / summary.seconds
-    logger.info(format_summary(summary))
-    return summary
+    return run, summary
 
 
 class ScoringFailed(SpamrayError, RuntimeError):
     """The Ray Data pipeline failed as a whole; nothing of the run is committed."""
-
-
-def last_line(error: Exception) -> str:
-    """The last line of an error's text: for Ray's errors, the root cause ("SomeError: why")."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
 
 
 @dataclass
@@ -318,8 +323,9 @@ def score_into_table(cfg: ScoreConfig, run: Run, summary: ScoreSummary) -> None:
 
     table, schema = run.table, table_schema(run.data_schema)
     if run.state.version is None:
-        table.create(schema)
-        run.state = table.read_state()
+        with store_step(f"creating the table {table.url}"):
+            table.create(schema)
+            run.state = table.read_state()
         table.check_columns(run.state, schema)
     batch_crashes, rows_written = start_beside_driver(BatchCrashes), start_beside_driver(RowsWritten)
     try:
@@ -374,10 +380,12 @@ def write_with_progress(dataset, sink, rows_written, rows_to_score: int | None) 
     watcher.start()
     try:
         dataset.write_datasink(sink, ray_remote_args={"num_cpus": TASK_CPUS})
-    except Exception as error:  # Ray's errors wrap the cause in tracebacks: name it in one line
-        if sink.outcome.output is not None:  # the audit passed: the error is the commit's own
-            raise
-        raise ScoringFailed(f"the scoring pipeline failed: {last_line(error)}") from error
+    except Exception as error:
+        if isinstance(error, SpamrayError) and not isinstance(error, ray.exceptions.RayError):
+            raise  # the sink's own, on the driver, which says what was committed
+        # Ray's errors wrap the cause in tracebacks: name it in one line
+        raise ScoringFailed(f"the scoring pipeline failed: {last_line(error)}; nothing was committed, and the next "
+                            "run scores these files again") from error
     finally:
         done.set()
         watcher.join()

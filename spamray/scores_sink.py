@@ -25,9 +25,10 @@ import pyarrow as pa
 from ray.data import Datasink
 from ray.data.block import Block
 
+from .errors import last_line
 from .inputs import InputFile
-from .scores_audit import Audit, audit_written
-from .scores_table import (CommitResult, CommitUnknown, RunOutput, ScoresTable, TableState, partition_folder,
+from .scores_audit import Audit, AuditFailed, audit_written
+from .scores_table import (CommitResult, RunOutput, ScoresTable, TableError, TableState, partition_folder,
                            partition_values, table_schema)
 from .table_files import write_data_files, write_file, written_files
 
@@ -46,6 +47,7 @@ class SinkOutcome:
     replica_nodes: list[str] = field(default_factory=list)
     audit: Audit | None = None
     output: RunOutput | None = None
+    committing: bool = False  # the commit was asked for: from then on, only a certain failure deletes files
     result: CommitResult | None = None
 
 
@@ -85,27 +87,41 @@ class ScoresSink(Datasink):
 
     # -- on the driver --------------------------------------------------------------------------
     def on_write_complete(self, write_result) -> None:
-        rows = [row for task_rows in write_result.write_returns for row in task_rows]
-        files, self.outcome.file_errors, self.outcome.replica_nodes = written_files(rows)
-        scored = [file for url, file in self.inputs.items() if url not in self.outcome.file_errors]
-        for file in scored:  # an input with no rows still gets its (empty) file: the log records it as scored
-            if file.url not in files:
-                files[file.url] = [write_file(self.table.fs, self.table.path, self.data_schema.empty_table(), file,
-                                              self.model_version, self.run_id)]
-        audit = self.outcome.audit = audit_written(self.table.fs, self.table.path, files, scored)
-        self.outcome.file_errors.update(audit.file_errors)
-        scored = [file for file in scored if file.url not in audit.file_errors]
-        self.outcome.output = RunOutput(self.run_id, self.model_version, self.mode, {f.url: f for f in scored},
-                                        {f.url: files[f.url] for f in scored},
-                                        failed=set(self.outcome.file_errors) | self.failed_up_front)
-        record = {**self.metadata, "run_id": self.run_id, "files_scored": len(scored), "rows": audit.rows_written,
-                  "files_failed": self.outcome.file_errors}
-        self.outcome.result = self.table.commit(self.state, self.outcome.output, table_schema(self.data_schema),
+        output = self.outcome.output = self.audited_output(write_result)
+        record = {**self.metadata, "run_id": self.run_id, "files_scored": len(output.inputs),
+                  "rows": self.outcome.audit.rows_written, "files_failed": self.outcome.file_errors}
+        self.outcome.committing = True
+        self.outcome.result = self.table.commit(self.state, output, table_schema(self.data_schema),
                                                 {"spamray": json.dumps(record)})
         self.clean_up()
 
+    def audited_output(self, write_result) -> RunOutput:
+        """What the run wrote, proven whole input by input: the files to commit. Nothing is
+        committed yet, so any failure here leaves the table as it was."""
+        rows = [row for task_rows in write_result.write_returns for row in task_rows]
+        files, self.outcome.file_errors, self.outcome.replica_nodes = written_files(rows)
+        scored = [file for url, file in self.inputs.items() if url not in self.outcome.file_errors]
+        try:
+            for file in scored:  # an input with no rows still gets its (empty) file: the log records it as scored
+                if file.url not in files:
+                    files[file.url] = [write_file(self.table.fs, self.table.path, self.data_schema.empty_table(), file,
+                                                  self.model_version, self.run_id)]
+            audit = self.outcome.audit = audit_written(self.table.fs, self.table.path, files, scored)
+        except AuditFailed:
+            raise
+        except Exception as error:
+            raise TableError(f"reading back this run's files in {self.table.url} failed ({last_line(error)}); nothing "
+                             "was committed, and the next run scores these files again") from error
+        self.outcome.file_errors.update(audit.file_errors)
+        scored = [file for file in scored if file.url not in audit.file_errors]
+        return RunOutput(self.run_id, self.model_version, self.mode, {f.url: f for f in scored},
+                         {f.url: files[f.url] for f in scored},
+                         failed=set(self.outcome.file_errors) | self.failed_up_front)
+
     def on_write_failed(self, error: Exception) -> None:
-        if isinstance(error, CommitUnknown):
+        """Deletes this run's files where nothing of it is committed; keeps them where a commit
+        was under way and did not end in a certain failure (it may have landed)."""
+        if self.outcome.committing and self.outcome.result is None and not isinstance(error, TableError):
             logger.warning(f"this run's files in {self.table.url} are kept: whether its commit landed is unknown")
             return
         self.clean_up()

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
-from .errors import SpamrayError
+from .errors import SpamrayError, last_line
 from .inputs import InputFile
 
 logger = logging.getLogger(__name__)
@@ -179,8 +179,13 @@ class TableError(SpamrayError, RuntimeError):
     """The table, or a commit to it, is not as it must be; nothing of the run is committed."""
 
 
-class CommitUnknown(TableError):
+class CommitUnknown(SpamrayError, RuntimeError):
     """A commit whose outcome could not be read back: nothing of it may be deleted."""
+
+
+# What a run that does not know whether its commit landed tells the user.
+UNKNOWN_NEXT = ("this run's files are kept: if the commit landed, the next run finds these inputs scored; if not, it "
+                "scores them again (and `spamray vacuum` deletes the files no version names)")
 
 
 class ScoresTable:
@@ -279,7 +284,8 @@ class ScoresTable:
     # -- committing -------------------------------------------------------------------------
     def commit(self, state: TableState, output: RunOutput, schema: pa.Schema, metadata: dict) -> CommitResult:
         """Commits the run's files against `state`, planning again whenever another commit came
-        first. Raises CommitUnknown when a commit's outcome cannot be read back."""
+        first. Raises TableError when nothing was committed, CommitUnknown when whether the commit
+        landed cannot be read back (then nothing of the run may be deleted)."""
         from deltalake.exceptions import CommitFailedError
 
         for attempt in range(1, COMMIT_ATTEMPTS + 1):
@@ -290,23 +296,23 @@ class ScoresTable:
             try:
                 self._commit_once(state, output, plan, schema, metadata)
             except CommitFailedError as error:
-                landed = self.find_commit(output.run_id, after=state.version)
+                landed = self._find_commit_or_unknown(output.run_id, state.version, error)
                 if landed is not None:  # reported as failed, but it is in the log
                     return CommitResult(landed, plan, attempt)
-                newer = self.read_state()
+                newer = self._read_state_or_unknown(error)
                 if newer.version == state.version:
-                    raise TableError(f"the commit to {self.url} failed: {error}; nothing was committed") from error
+                    raise TableError(f"the commit to {self.url} failed: {error}; nothing was committed, and the next "
+                                     "run scores these files again") from error
                 logger.info(f"another run committed version {newer.version} of {self.url} first; planning the commit again")
                 state = newer
                 continue
             except Exception as error:  # a lost connection, a store that failed: did it land?
                 landed = self._find_commit_or_unknown(output.run_id, state.version, error)
                 if landed is None:  # not yet; a request still under way could land later
-                    raise CommitUnknown(f"the commit to {self.url} failed ({error}) and is not in the log; this run's "
-                                        "files are kept (a request still under way could land), and `spamray vacuum` "
-                                        "deletes them if it never does") from error
+                    raise CommitUnknown(f"the commit to {self.url} failed ({last_line(error)}) and is not in the log; "
+                                        f"whether it landed is unknown until that request is over; {UNKNOWN_NEXT}") from error
                 return CommitResult(landed, plan, attempt)
-            return CommitResult(self.confirm_commit(output.run_id, state.version + 1), plan, attempt)
+            return CommitResult(self._confirm_or_unknown(output.run_id, state.version + 1), plan, attempt)
         raise TableError(f"{self.url}: other commits came first {COMMIT_ATTEMPTS} times in a row; nothing was "
                            "committed (are many runs writing this table at once?)")
 
@@ -340,7 +346,12 @@ class ScoresTable:
                 return None
 
         files = [(url, file) for url in plan.adds for file in output.files[url]]
-        for (url, file), found in zip(files, storage.map_requests(size, [file.path for _, file in files])):
+        try:
+            sizes = storage.map_requests(size, [file.path for _, file in files])
+        except Exception as error:
+            raise TableError(f"checking this run's files in {self.url} before the commit failed ({last_line(error)}); "
+                             "nothing was committed, and the next run scores these files again") from error
+        for (url, file), found in zip(files, sizes):
             if found != file.bytes:
                 raise TableError(f"{self.url}/{file.path}, written by this run for {url}, is gone or changed "
                                  "before the commit (a vacuum with a retention shorter than this run?); nothing "
@@ -371,6 +382,15 @@ class ScoresTable:
             return landed
         return version
 
+    def _confirm_or_unknown(self, run_id: str, version: int) -> int:
+        try:
+            return self.confirm_commit(run_id, version)
+        except CommitUnknown:
+            raise
+        except Exception as error:
+            raise CommitUnknown(f"the commit to {self.url} was reported as version {version}, but reading it back "
+                                f"failed ({last_line(error)}): whether it landed is unknown; {UNKNOWN_NEXT}") from error
+
     def find_commit(self, run_id: str, after: int | None) -> int | None:
         """The version after `after` whose commit is this run's, if any."""
         version = 0 if after is None else after + 1
@@ -384,8 +404,15 @@ class ScoresTable:
         try:
             return self.find_commit(run_id, after)
         except Exception as reading:
-            raise CommitUnknown(f"the commit to {self.url} failed ({error}) and the log could not be read back "
-                                f"({reading}): whether it landed is unknown; this run's files are kept") from error
+            raise CommitUnknown(f"the commit to {self.url} failed ({last_line(error)}) and the log could not be read "
+                                f"back ({last_line(reading)}): whether it landed is unknown; {UNKNOWN_NEXT}") from error
+
+    def _read_state_or_unknown(self, error: Exception) -> TableState:
+        try:
+            return self.read_state()
+        except Exception as reading:
+            raise CommitUnknown(f"the commit to {self.url} failed ({last_line(error)}) and the table could not be read "
+                                f"back ({last_line(reading)}): whether it landed is unknown; {UNKNOWN_NEXT}") from error
 
     # -- files ------------------------------------------------------------------------------
     def files_in(self, folders: list[str]) -> list[str]:

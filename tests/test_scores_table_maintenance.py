@@ -19,6 +19,7 @@ from deltalake import DeltaTable
 from deltalake.exceptions import CommitFailedError
 
 import spamray.score
+import spamray.scores_table
 from spamray.cli import main
 from spamray.config import ScoreConfig
 from spamray.score import score
@@ -244,3 +245,50 @@ def test_a_table_of_the_earlier_layout_is_refused_with_what_to_do(tmp_path):
     DeltaTable.create(str(tmp_path / "scores"), earlier, partition_by=["source_file", "run_id"])
     with pytest.raises(ValueError, match="not a spamray scores table of this release.*choose another --output"):
         ScoresTable(str(tmp_path / "scores")).read_state()
+
+
+def unreadable_log(monkeypatch):
+    """The store stalls on reads of the log's entries (503 SlowDown past the SDK's retries)."""
+    def slow_down(self, version):
+        raise OSError(f"Please reduce your request rate (reading version {version} of the log)")
+
+    monkeypatch.setattr(ScoresTable, "commit_info", slow_down)
+
+
+def test_a_commit_that_cannot_be_read_back_keeps_its_files_and_says_so_in_one_line(
+        ray_local, model_url, sms_messages, tmp_path, monkeypatch, capsys):
+    archive = one_file_archive(tmp_path, sms_messages[:30])
+    out = str(tmp_path / "scores")
+    args = ["score", "--model", model_url, "--input", str(archive), "--output", out, "--incremental"]
+    assert main(args) == 0
+    pq.write_table(pa.table({"text": sms_messages[30:50]}), archive / "b.parquet")
+    with monkeypatch.context() as patched:
+        unreadable_log(patched)
+        assert main(args) == 1
+    printed = capsys.readouterr().err
+    error = [line for line in printed.splitlines() if line.startswith("spamray")]  # (Ray's own lines aside)
+    assert len(error) == 1 and "whether it landed is unknown" in error[0] and "files are kept" in error[0], error
+    assert "Traceback" not in printed
+    # The commit had landed: every file it names is there, and the next night reads and builds on it.
+    assert live_files(out) <= table_files(out).keys()
+    assert_every_row_once(out, {str(archive / "a.parquet"): 30, str(archive / "b.parquet"): 20})
+    assert main(args) == 0
+    assert_every_row_once(out, {str(archive / "a.parquet"): 30, str(archive / "b.parquet"): 20})
+
+
+def test_a_commit_reported_as_failed_whose_log_cannot_be_read_keeps_its_files(
+        ray_local, model_url, sms_messages, tmp_path, monkeypatch):
+    archive = one_file_archive(tmp_path, sms_messages[:30])
+    out = str(tmp_path / "scores")
+
+    def fails(self, *args, **kwargs):
+        unreadable_log(monkeypatch)
+        raise CommitFailedError("the answer was lost on the way back")
+
+    monkeypatch.setattr(ScoresTable, "_commit_once", fails)
+    with pytest.raises(spamray.scores_table.CommitUnknown, match="whether it landed is unknown"):
+        score(ScoreConfig(model=model_url, input=str(archive), output=out))
+    assert table_files(out)  # kept: a request still under way could have landed
+    monkeypatch.undo()
+    assert score(ScoreConfig(model=model_url, input=str(archive), output=out, incremental=True)).rows_written == 30
+    assert_every_row_once(out, {str(archive / "a.parquet"): 30})

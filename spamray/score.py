@@ -281,7 +281,7 @@ def plan_run(cfg: ScoreConfig) -> tuple[Run, ScoreSummary]:
                                   threshold_given=cfg.threshold is not None)
     threshold = (cfg.threshold if operating_point is None
                  else OperatingPoint(**operating_point).threshold_at(precision.precision))
-    run = Run(new_run_id(), table, state, to_score, rows_to_score, mode, model_version, classifier_version,
+    run = Run(new_run_id(), table, state, to_score, rows_to_score, rows, mode, model_version, classifier_version,
               operating_point, precision, max_length, carried_types, keep_text, data_schema)
     summary = ScoreSummary(run_id=run.run_id, output=table.url, table_version=state.version, files_seen=len(files),
                            threshold=threshold, files_failed=failed, files_skipped=[asdict(f) for f in skipped])
@@ -303,6 +303,7 @@ class Run:
     state: TableState
     to_score: list[InputFile]
     rows_to_score: int | None  # None when a CSV among them has not been counted
+    footer_rows: dict[str, int | None]  # each input's rows as its Parquet footer says (None: CSV)
     mode: str  # see scores_table.RunOutput
     model_version: str  # what the table records: the classifier's version, and a --threshold given
     classifier_version: str  # what every replica must load
@@ -338,7 +339,8 @@ def score_into_table(cfg: ScoreConfig, run: Run, summary: ScoreSummary) -> None:
         record = {"model": cfg.model, "model_version": run.model_version, "threshold": summary.threshold,
                   "precision": precision, "precision_reason": run.precision.reason}
         sink = ScoresSink(table, run.state, run.run_id, run.model_version, run.mode, run.data_schema, run.to_score,
-                          record, WRITE_BATCH_ROWS, rows_written, failed_up_front=set(summary.files_failed))
+                          record, WRITE_BATCH_ROWS, rows_written, failed_up_front=set(summary.files_failed),
+                          footer_rows=run.footer_rows)
         write_with_progress(dataset, sink, rows_written, run.rows_to_score)
     finally:
         ray.kill(batch_crashes)

@@ -31,17 +31,19 @@ class Audit:
 
 
 def audit_written(fs, root: str, files: dict[str, list[WrittenFile]], scored: list[InputFile],
-                  batch_rows: int = 65536) -> Audit:
+                  batch_rows: int = 65536, footer_rows: dict[str, int | None] | None = None) -> Audit:
     """Proves that each scored file's rows are all there exactly once (source_row 0..n-1, no
     repeats) and counts statuses and labels. An input that is no longer as it was listed
     (rewritten while the run scored it), or a Parquet input whose row count differs from what
     was scored, is that file's error: its rows are left out and the next run scores it again.
     Reads back what was written, streaming, several inputs at once (on an object store each file
-    is a round trip): memory is a byte per input row of those being read."""
+    is a round trip): memory is a byte per input row of those being read. `footer_rows` are Parquet
+    inputs' rows as their footers said when the run was planned (read again where not given): an
+    input whose size and version are unchanged since then holds the same rows."""
     audit = Audit(rows_per_file={})
 
     def audit_input(file: InputFile) -> tuple[str | None, int, FileCounts]:
-        return audit_one_input(fs, root, files.get(file.url, []), file, batch_rows)
+        return audit_one_input(fs, root, files.get(file.url, []), file, batch_rows, (footer_rows or {}).get(file.url))
 
     for file, (problem, rows, counts) in zip(scored, storage.map_requests(audit_input, scored)):
         if problem is not None:
@@ -54,8 +56,8 @@ def audit_written(fs, root: str, files: dict[str, list[WrittenFile]], scored: li
     return audit
 
 
-def audit_one_input(fs, root: str, written: list[WrittenFile], file: InputFile,
-                    batch_rows: int) -> tuple[str | None, int, FileCounts]:
+def audit_one_input(fs, root: str, written: list[WrittenFile], file: InputFile, batch_rows: int,
+                    footer_rows: int | None = None) -> tuple[str | None, int, FileCounts]:
     """(what is wrong with the input, or None; its rows, each once; their counts)."""
     problem = changed_since_listing(file)
     tally, counts = RowTally(file.url), FileCounts()
@@ -66,7 +68,7 @@ def audit_one_input(fs, root: str, written: list[WrittenFile], file: InputFile,
                 counts.add(batch)
     rows = tally.complete_count()
     if problem is None and file.format == "parquet":
-        expected = parquet_rows(file.url)
+        expected = footer_rows if footer_rows is not None else parquet_rows(file.url)
         if rows != expected:
             problem = f"has {expected} rows but {rows} were scored (was it rewritten during the run?)"
     return problem, rows, counts

@@ -54,17 +54,19 @@ class SinkOutcome:
 class ScoresSink(Datasink):
     def __init__(self, table: ScoresTable, state: TableState, run_id: str, model_version: str, mode: str,
                  data_schema: pa.Schema, inputs: list[InputFile], metadata: dict, rows_per_write: int,
-                 rows_written=None, failed_up_front: set[str] = frozenset()):
+                 rows_written=None, failed_up_front: set[str] = frozenset(),
+                 footer_rows: dict[str, int | None] | None = None):
         self.table, self.state, self.run_id = table, state, run_id
         self.model_version, self.mode, self.data_schema = model_version, mode, data_schema
         self.inputs = {file.url: file for file in inputs}
         self.failed_up_front = set(failed_up_front)  # inputs not scored, whose rows an overwrite keeps
+        self.footer_rows = footer_rows or {}  # Parquet inputs' rows as the up-front check read them
         self.metadata, self.rows_per_write, self.rows_written = metadata, rows_per_write, rows_written
         self.outcome = SinkOutcome()
 
     def __getstate__(self) -> dict:
         # The writer tasks need neither the table's record (it grows with the table) nor the outcome.
-        return {**self.__dict__, "state": None, "outcome": None}
+        return {**self.__dict__, "state": None, "outcome": None, "footer_rows": None}
 
     @property
     def min_rows_per_write(self) -> int:
@@ -106,7 +108,8 @@ class ScoresSink(Datasink):
                 if file.url not in files:
                     files[file.url] = [write_file(self.table.fs, self.table.path, self.data_schema.empty_table(), file,
                                                   self.model_version, self.run_id)]
-            audit = self.outcome.audit = audit_written(self.table.fs, self.table.path, files, scored)
+            audit = self.outcome.audit = audit_written(self.table.fs, self.table.path, files, scored,
+                                                       footer_rows=self.footer_rows)
         except AuditFailed:
             raise
         except Exception as error:

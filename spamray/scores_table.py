@@ -106,6 +106,9 @@ class TableState:
     inputs: dict[str, ScoredInput] = field(default_factory=dict)  # input_key -> its scoring
     columns: dict[str, str] | None = None  # column -> Delta type
     schema: pa.Schema | None = None  # the same, as Arrow types
+    # The deltalake table read at `version`: a commit planned on this state is made through it,
+    # without reading the log again.
+    delta: object = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,7 @@ class ScoresTable:
     def read_state(self) -> TableState:
         from deltalake import DeltaTable
 
-        if not DeltaTable.is_deltatable(self.url):
+        if not self.has_log():
             self._refuse_other_content()
             return TableState(version=None)
         table = DeltaTable(self.url)
@@ -209,7 +212,8 @@ class ScoresTable:
             raise ValueError(f"{self.url} is a Delta table but not a spamray scores table of this release (partitioned "
                              f"by {', '.join(PARTITIONS)}; earlier releases partitioned by the source columns); "
                              "choose another --output")
-        state = TableState(version=table.version(), columns=columns, schema=pa.schema(table.schema().to_arrow()))
+        state = TableState(version=table.version(), columns=columns, schema=pa.schema(table.schema().to_arrow()),
+                           delta=table)
         for file in self._live_files(table):
             key, scoring = file["partition.input_key"], file["partition.scoring"]
             digest, run_id = scoring.split("-", 1)
@@ -221,6 +225,15 @@ class ScoresTable:
             scored.rows += file["num_records"] or 0
             scored.files[file["path"]] = file["size_bytes"]
         return state
+
+    def has_log(self) -> bool:
+        """Whether a transaction log is here. Read by listing it, so that a store error is an
+        error (deltalake's is_deltatable answers False to one, as for a folder with no table)."""
+        try:
+            entries = self.fs.ls(f"{self.path}/_delta_log", detail=False)
+        except FileNotFoundError:
+            return False
+        return any(entry.endswith(".json") or ".checkpoint." in entry for entry in entries)
 
     @staticmethod
     def _live_files(table) -> list[dict]:
@@ -268,7 +281,7 @@ class ScoresTable:
             DeltaTable.create(self.url, schema, mode="ignore", partition_by=list(PARTITIONS),
                               name="spamray scores", description="spamray score output: one row per input row")
         except Exception:
-            if not DeltaTable.is_deltatable(self.url):  # not a concurrent first run that won the race
+            if not self.has_log():  # not a concurrent first run that won the race
                 raise
 
     def check_columns(self, state: TableState, schema: pa.Schema) -> None:
@@ -331,7 +344,7 @@ class ScoresTable:
             scored = state.inputs[removed_from[path]]
             values = {"input_key": removed_from[path], "scoring": scored.scoring}
             actions.append(RemoveAction(path, True, now, size=size, partition_values=values))
-        table = DeltaTable(self.url, version=state.version)
+        table = state.delta if state.delta is not None else DeltaTable(self.url, version=state.version)
         # No retries inside delta-rs: on any newer commit this fails, and `commit` plans again.
         table.create_write_transaction(actions, mode="append", schema=schema, partition_by=list(PARTITIONS),
                                        commit_properties=CommitProperties(custom_metadata=metadata, max_commit_retries=0))
@@ -417,8 +430,8 @@ class ScoresTable:
     # -- files ------------------------------------------------------------------------------
     def files_in(self, folders: list[str]) -> list[str]:
         """Every data file under these partition folders (paths relative to the table)."""
-        listed = storage.map_requests(lambda folder: self.fs.glob(f"{self.path}/{folder}/*.parquet"), folders)
-        return [path[len(self.path) + 1:] for paths in listed for path in paths]
+        listed = storage.map_requests(lambda folder: self.fs.find(f"{self.path}/{folder}"), folders)
+        return [path[len(self.path) + 1:] for paths in listed for path in paths if path.endswith(".parquet")]
 
     def delete(self, paths: list[str]) -> None:
         if paths:

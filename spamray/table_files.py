@@ -10,6 +10,7 @@ from dataclasses import asdict
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from . import storage
 from .inputs import InputFile
@@ -50,10 +51,13 @@ def write_file(fs, root: str, rows: pa.Table, source: InputFile, model_version: 
     for (name, kind), value in zip(IDENTITY.items(), identity):
         rows = rows.append_column(name, pa.array([value] * rows.num_rows, kind))
     path = f"{partition_folder(partition_values(source, model_version, run_id))}/part-{run_id}-{uuid.uuid4().hex[:16]}.parquet"
-    fs.makedirs(f"{root}/{path.rsplit('/', 1)[0]}", exist_ok=True)
-    with fs.open(f"{root}/{path}", "wb") as handle:
-        pq.write_table(rows, handle, compression="zstd")
-    return WrittenFile(path, source.url, rows.num_rows, fs.size(f"{root}/{path}"), file_stats(rows))
+    buffer = pa.BufferOutputStream()
+    pq.write_table(rows, buffer, compression="zstd")
+    data = buffer.getvalue()
+    if isinstance(fs, LocalFileSystem):  # (object stores have no folders to make)
+        fs.makedirs(f"{root}/{path.rsplit('/', 1)[0]}", exist_ok=True)
+    fs.pipe_file(f"{root}/{path}", data.to_pybytes())  # one request: the file whole, its size known
+    return WrittenFile(path, source.url, rows.num_rows, data.size, file_stats(rows))
 
 
 def written_files(rows: list[dict]) -> tuple[dict[str, list[WrittenFile]], dict[str, str], list[str]]:

@@ -10,9 +10,13 @@ import uuid
 from importlib import resources
 from pathlib import Path
 
+import faulty_local
 import pytest
 import torch
+from faulty_s3 import FaultyS3
 from loopback_s3 import start_s3_endpoint
+
+TESTS = Path(__file__).parent
 
 
 @pytest.fixture(scope="session")
@@ -49,13 +53,17 @@ def gpt2_small_hf_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    """A real S3 HTTP endpoint on loopback (moto's server, which enforces conditional writes as
-    delta-rs needs). Its settings go into this process's environment, so Ray workers started
-    after it see them too."""
+    """A real S3 HTTP endpoint on loopback: moto's server, which enforces conditional writes as
+    delta-rs needs, behind the proxy that fails requests on purpose when a test asks it to
+    (faulty_s3.py; it passes everything through otherwise). Its settings go into this process's
+    environment, so Ray workers started after it see them too."""
     server, settings = start_s3_endpoint()
+    proxy = FaultyS3(settings["AWS_ENDPOINT_URL"])
+    settings = {**settings, "AWS_ENDPOINT_URL": proxy.endpoint}
     saved = {name: os.environ.get(name) for name in settings}
     os.environ.update(settings)
-    yield settings
+    yield proxy
+    proxy.stop()
     server.terminate()
     server.wait(timeout=30)
     for name, value in saved.items():
@@ -120,12 +128,18 @@ def place(request, tmp_path) -> Place:
 
 
 @pytest.fixture(scope="session")
-def ray_local(s3_endpoint):
+def ray_local(s3_endpoint, tmp_path_factory):
     """One local Ray for the whole session (starting Ray costs seconds), shut down at the end.
-    Started after the S3 endpoint, so that its workers reach it."""
+    Started after the S3 endpoint, so that its workers reach it. Local disk goes through the layer
+    that fails requests on purpose when a test sets a schedule (faulty_local.py), in this process
+    and in every worker (Ray's worker setup hook); without a schedule it passes everything through."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    os.environ[faulty_local.CONTROL] = str(tmp_path_factory.mktemp("local-faults"))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+    faulty_local.install()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": "faulty_local.install"})
     yield ray
     ray.shutdown()
 

@@ -1,18 +1,23 @@
 """Small Ray actors that share a run's state between its workers and its driver, placed on the
-driver's node (no CPU): they are lost only when the driver is, and go when the run ends."""
+driver's node (no CPU): they are lost only when the driver is, and go when the run ends; and
+the turn that lets one scoring run at a time use a cluster."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 
-def start_beside_driver(actor_class: type):
-    """An actor of `actor_class` on this process's node; `ray.kill` it when the run is over."""
+def start_beside_driver(actor_class: type, *args, **options):
+    """An actor of `actor_class` on this process's node; `ray.kill` it when the run is over.
+    `options` are Ray's actor options (a name, its namespace)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(num_cpus=0)(actor_class).options(scheduling_strategy=here).remote()
+    return ray.remote(num_cpus=0)(actor_class).options(scheduling_strategy=here, **options).remote(*args)
 
 
 class BatchCrashes:
@@ -59,3 +64,57 @@ class RowsWritten:
 
     def total(self) -> int:
         return self.rows
+
+
+class ScoringTurn:
+    """The one scoring run a Ray cluster runs at a time; see `scoring_turn`."""
+
+    def __init__(self, run: str):
+        self.run = run
+
+    def holder(self) -> str:
+        return self.run
+
+
+# Runs on one cluster take turns: each run's replicas reserve CPUs and wait for rows from read
+# tasks that need CPUs too, so two runs whose replicas fill the cluster would wait on each other
+# for ever. A named actor is the turn: Ray refuses a second live actor of that name, and the
+# actor belongs to its run's driver and lives on the driver's node, so it goes when the run
+# ends, is killed, or loses its driver.
+TURN_NAME, TURN_NAMESPACE = "spamray-scoring", "spamray"
+TURN_POLL_S = 2.0
+
+
+@contextmanager
+def scoring_turn(run: str, log: Callable[[str], None]) -> Iterator[None]:
+    """Waits until no other scoring run on this Ray cluster holds the turn, then holds it for
+    the `with` block. `run` names this run in the log of a run that waits for it."""
+    import ray
+
+    waited_for = None
+    while True:
+        try:
+            turn = start_beside_driver(ScoringTurn, run, name=TURN_NAME, namespace=TURN_NAMESPACE)
+            break
+        except ValueError:  # the name is taken: another run's turn
+            holder = turn_holder()
+            if holder is not None and holder != waited_for:
+                log(f"waiting for the scoring run before this one to finish ({holder}): runs on one Ray cluster "
+                    "take turns")
+                waited_for = holder
+            time.sleep(TURN_POLL_S)
+    try:
+        ray.get(turn.holder.remote())
+        yield
+    finally:
+        ray.kill(turn)
+
+
+def turn_holder() -> str | None:
+    """The run holding the turn, if any (it may end while asked)."""
+    import ray
+
+    try:
+        return ray.get(ray.get_actor(TURN_NAME, namespace=TURN_NAMESPACE).holder.remote(), timeout=30)
+    except (ValueError, ray.exceptions.RayError):  # gone meanwhile, or going with its driver
+        return None

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from . import saved, storage
 from .config import ScoreConfig
-from .driver_actors import BatchCrashes, RowsWritten, start_beside_driver
+from .driver_actors import BatchCrashes, RowsWritten, scoring_turn, start_beside_driver
 from .errors import SpamrayError, last_line, store_step
 from .classifier import probability_column
 from .inputs import InputFile, check_inputs, list_input_files, read_chunks
@@ -230,12 +230,14 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     failed (unreadable, changed during the run, or a batch of them kept killing its replica) are
     in `files_failed`; the others are committed."""
     started = time.time()
-    run, summary = plan_run(cfg)
-    if run.to_score:
-        score_into_table(cfg, run, summary)
-    else:
-        logger.info(f"nothing new to score in {cfg.input} ({summary.files_seen - len(summary.files_failed)} readable "
-                    f"files already scored with model {run.model_version})")
+    metadata = read_classifier(cfg.model)  # a model that cannot load fails before waiting for a turn
+    with scoring_turn(f"{cfg.input} into {cfg.output}", logger.info):
+        run, summary = plan_run(cfg, metadata)  # planned in its turn: it sees what the run before committed
+        if run.to_score:
+            score_into_table(cfg, run, summary)
+        else:
+            logger.info(f"nothing new to score in {cfg.input} ({summary.files_seen - len(summary.files_failed)} "
+                        f"readable files already scored with model {run.model_version})")
     for url, error in summary.files_failed.items():
         logger.error(f"FAILED {url}: {error} (nothing of it committed; the next run tries it again)")
     summary.seconds = time.time() - started
@@ -244,13 +246,18 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     return summary
 
 
-def plan_run(cfg: ScoreConfig) -> tuple[Run, ScoreSummary]:
-    """Everything settled before any Ray work: the classifier, the files to score (those the
-    mode asks for, checked up front), the output's columns and the precision."""
-    with store_step(f"reading the classifier {cfg.model}"):
-        metadata = saved.read_metadata(cfg.model)  # a model that cannot load fails before any work
-        if not storage.exists(storage.join(cfg.model, metadata["weights"]["file"])):
-            raise saved.SavedClassifierError(f"{cfg.model} is incomplete: {metadata['weights']['file']} is missing")
+def read_classifier(model: str) -> dict:
+    """The saved classifier's metadata, once its weights are known to be there."""
+    with store_step(f"reading the classifier {model}"):
+        metadata = saved.read_metadata(model)
+        if not storage.exists(storage.join(model, metadata["weights"]["file"])):
+            raise saved.SavedClassifierError(f"{model} is incomplete: {metadata['weights']['file']} is missing")
+    return metadata
+
+
+def plan_run(cfg: ScoreConfig, metadata: dict) -> tuple[Run, ScoreSummary]:
+    """Everything settled before any Ray work, for the classifier of `metadata`: the files to
+    score (those the mode asks for, checked up front), the output's columns and the precision."""
     classifier_version, labels, max_length = saved.model_version(metadata), metadata["labels"], metadata["max_length"]
     model_version = classifier_version
     if cfg.threshold is not None:

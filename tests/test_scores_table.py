@@ -339,3 +339,29 @@ def test_overwrite_keeps_the_rows_of_an_input_that_fails_the_up_front_check(ray_
     printed = capsys.readouterr()
     assert f"FAILED {a}" in printed.out and "nothing of it committed; the next run tries it again" in printed.out
     assert_every_row_once(out, {a: 50, b: 10})  # a's earlier rows stay, as the message says
+
+
+def test_two_runs_on_one_cluster_take_turns_and_finish(ray_local, model_url, sms_messages, tmp_path):
+    # Each run's replica reserved a CPU of the 2 and waited for rows that its read tasks, with no
+    # CPU left for them, never read: both runs hung. Runs on one cluster now take turns.
+    import threading
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    pq.write_table(pa.table({"text": sms_messages[:60]}), archive / "a.parquet")
+    outputs = [str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "one")]
+    summaries = {}
+
+    def run(index, output):
+        summaries[index] = score(ScoreConfig(model=model_url, input=str(archive), output=output, incremental=True,
+                                             cpus_per_replica=1))
+
+    threads = [threading.Thread(target=run, args=(i, out), daemon=True) for i, out in enumerate(outputs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not any(thread.is_alive() for thread in threads), "the runs hung"
+    assert sorted(s.rows_written for s in summaries.values()) == [0, 60, 60]  # the same output once
+    for output in set(outputs):
+        assert_every_row_once(output, {str(archive / "a.parquet"): 60})

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import faulty_local
 import pytest
+import store_clients
 import torch
 from faulty_s3 import FaultyS3
 from loopback_s3 import start_s3_endpoint
@@ -59,7 +60,7 @@ def s3_endpoint():
     environment, so Ray workers started after it see them too."""
     server, settings = start_s3_endpoint()
     proxy = FaultyS3(settings["AWS_ENDPOINT_URL"])
-    settings = {**settings, "AWS_ENDPOINT_URL": proxy.endpoint}
+    settings = {**settings, "AWS_ENDPOINT_URL": proxy.endpoint, **store_clients.ENVIRONMENT}
     saved = {name: os.environ.get(name) for name in settings}
     os.environ.update(settings)
     yield proxy
@@ -132,14 +133,15 @@ def ray_local(s3_endpoint, tmp_path_factory):
     """One local Ray for the whole session (starting Ray costs seconds), shut down at the end.
     Started after the S3 endpoint, so that its workers reach it. Local disk goes through the layer
     that fails requests on purpose when a test sets a schedule (faulty_local.py), in this process
-    and in every worker (Ray's worker setup hook); without a schedule it passes everything through."""
+    and in every worker (store_clients.py, Ray's worker setup hook); without a schedule it passes
+    everything through."""
     import ray
 
     os.environ[faulty_local.CONTROL] = str(tmp_path_factory.mktemp("local-faults"))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
-    faulty_local.install()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"worker_process_setup_hook": "faulty_local.install"})
+    store_clients.setup()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+             runtime_env={"worker_process_setup_hook": "store_clients.setup"})
     yield ray
     ray.shutdown()
 

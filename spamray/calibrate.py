@@ -5,13 +5,15 @@ are calibrated for that split's mix of classes; `prior` shifts them to the posit
 of real traffic (Bayes' rule on the log-odds). For a binary classifier the threshold on the
 positive class is the lowest that flags at most `target_fpr` of the legitimate messages in
 `heldout_tune`; its false-positive rate is then measured on `heldout_test`, which took no part in
-choosing it, at each precision a scoring replica may run in.
+choosing it, on each path a scoring replica may compute with (its own probabilities: bf16 or int8
+move a probability enough to push a legitimate message near the threshold over it).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -20,8 +22,10 @@ from scipy.special import log_softmax
 from sklearn.metrics import log_loss
 
 from .classifier import TextClassifier, softmax
+from .onnx_graphs import ONNX_PATHS
+from .onnx_graphs import export_problems as onnx_export_problems
 from .operating_point import OperatingPoint, threshold_for_fpr
-from .precision import PRECISIONS
+from .precision import BF16_CPU_FLAGS, PRECISIONS, cpu_flags
 from .prepare import has_split, read_positive_label, split_url
 
 logger = logging.getLogger(__name__)
@@ -112,9 +116,11 @@ def check_prior(prior: float | None, labels: list[str]) -> None:
         raise ValueError(f"--prior {prior} must be a share strictly between 0 and 1 (for example 0.13)")
 
 
-def calibrate(classifier: TextClassifier, data: str, target_fpr: float | None, prior: float | None = None) -> dict:
+def calibrate(classifier: TextClassifier, data: str, target_fpr: float | None, prior: float | None = None,
+              precisions: list[str] | None = None) -> dict:
     """Sets `classifier.temperature` (and its prior) and, for two labels with held-out data and a
-    target, its operating point; returns what was fitted and measured."""
+    target, its operating point, with a threshold on each of `precisions` (`calibration_paths`);
+    returns what was fitted and measured."""
     check_prior(prior, classifier.labels)
     if len(classifier.labels) == 2:
         classifier.positive = read_positive_label(data)
@@ -138,37 +144,109 @@ def calibrate(classifier: TextClassifier, data: str, target_fpr: float | None, p
         logger.warning(f"{data} has no held-out legitimate messages (prepare it again with this spamray, balancing "
                        "on): no operating point, labels go to the most probable class")
         return report
-    report.update(choose_operating_point(classifier, data, target_fpr))
+    paths = calibration_paths(classifier, precisions or ["auto"])
+    report.update(choose_operating_point(classifier, data, target_fpr,
+                                         {path: at_precision(classifier, path) for path in paths}))
     return report
 
 
-def choose_operating_point(classifier: TextClassifier, data: str, target_fpr: float) -> dict:
-    """At every precision a replica may score in, the threshold on that precision's probabilities
-    of heldout_tune's legitimate messages, and its rate on heldout_test's."""
-    positive = classifier.labels.index(classifier.positive)
-    thresholds, chosen_rates, measured, flagged = {}, {}, {}, {}
-    for precision in PRECISIONS:
-        replica = at_precision(classifier, precision)
-        ham = replica.probabilities(legitimate_logits(replica, data, "heldout_tune"))[:, positive]
-        thresholds[precision] = threshold_for_fpr(ham, target_fpr)
-        chosen_rates[precision] = float((ham >= thresholds[precision]).mean())
-        scores = replica.probabilities(legitimate_logits(replica, data, "heldout_test"))[:, positive]
-        flagged[precision] = scores >= thresholds[precision]
-        measured[precision] = float(flagged[precision].mean())
-    differ = int((flagged["fp32"] != flagged["bf16"]).sum())
+def calibration_paths(classifier: TextClassifier, requested: list[str]) -> list[str]:
+    """The paths to choose a threshold on: fp32 always, and those `requested`. `auto` means those
+    this machine scores with at speed: bf16 on a GPU or a CPU with bf16 units (a CPU without them
+    emulates bf16 at about a sixth of fp32's speed, so choosing it there can cost more than
+    training did), and each ONNX graph the classifier carries. Ask for bf16 by name to calibrate
+    for a cluster of other CPUs."""
+    import torch
+
+    paths = {"fp32"}
+    for asked in requested:
+        if asked != "auto":
+            paths.add(asked)
+            continue
+        if torch.cuda.is_available() or set(BF16_CPU_FLAGS) & cpu_flags():
+            paths.add("bf16")
+        else:
+            logger.info("calibration: no threshold at bf16 (this CPU has no bf16 units and would emulate it at about "
+                        "a sixth of fp32's speed); `--precisions auto bf16` chooses one for machines that have them")
+        paths.update(path for path, problem in export_problems(classifier).items() if problem is None)
+    for path in paths & set(ONNX_PATHS):
+        problem = export_problems(classifier)[path]
+        if problem:
+            raise ValueError(f"--precisions {path}: the classifier cannot score at {path}: {problem}")
+    return [path for path in PRECISIONS if path in paths]
+
+
+def export_problems(classifier: TextClassifier) -> dict[str, str | None]:
+    if classifier.saved_metadata is None:
+        return {path: "it is not a saved classifier with ONNX graphs" for path in ONNX_PATHS}
+    return onnx_export_problems(classifier.saved_metadata)
+
+
+@dataclass
+class PathRates:
+    """A path's threshold, chosen on its probabilities of heldout_tune's legitimate messages, and
+    what it flags of heldout_test's."""
+
+    threshold: float
+    chosen_rate: float  # on the heldout_tune messages it was chosen on
+    flagged: np.ndarray  # heldout_test's legitimate messages it flags
+
+    @property
+    def measured_rate(self) -> float:
+        return float(self.flagged.mean())
+
+
+def path_rates(replica: TextClassifier, data: str, target_fpr: float) -> tuple[PathRates, int]:
+    """`replica`'s rates on its own probabilities, and how many messages the threshold was chosen on."""
+    positive = replica.labels.index(replica.positive)
+    ham = replica.probabilities(legitimate_logits(replica, data, "heldout_tune"))[:, positive]
+    threshold = threshold_for_fpr(ham, target_fpr)
+    scores = replica.probabilities(legitimate_logits(replica, data, "heldout_test"))[:, positive]
+    return PathRates(threshold, float((ham >= threshold).mean()), scores >= threshold), int(ham.size)
+
+
+def choose_operating_point(classifier: TextClassifier, data: str, target_fpr: float,
+                           replicas: dict[str, TextClassifier]) -> dict:
+    """On each path of `replicas` (fp32's among them), the threshold on its own probabilities of
+    heldout_tune's legitimate messages, and its rate on heldout_test's."""
+    rates = {}
+    for path, replica in replicas.items():
+        rates[path], messages = path_rates(replica, data, target_fpr)
+    fp32 = rates["fp32"]
     classifier.operating_point = OperatingPoint(
-        positive=classifier.positive, threshold=thresholds["fp32"], target_fpr=target_fpr, chosen_on="heldout_tune",
-        messages=int(ham.size), false_positive_rate=chosen_rates["fp32"], heldout_false_positive_rates=measured,
-        thresholds=thresholds)
-    messages = int(flagged["fp32"].size)
-    logger.info(f"operating point: {classifier.positive!r} when p >= {thresholds['fp32']:.4f} (bf16: "
-                f"{thresholds['bf16']:.4f}), for a false-positive rate of at most {target_fpr:.2%} on {ham.size:,} "
-                f"held-out legitimate messages; measured on {messages:,} others: "
-                + ", ".join(f"{rate:.2%} at {precision}" for precision, rate in measured.items())
-                + f" ({differ} labelled differently at bf16)")
-    return {"operating_point": classifier.operating_point.to_dict(),
-            "heldout_test": {"messages": messages, "false_positive_rate": measured["fp32"],
-                             "false_positive_rate_by_precision": measured, "labels_differing_at_bf16": differ}}
+        positive=classifier.positive, threshold=fp32.threshold, target_fpr=target_fpr, chosen_on="heldout_tune",
+        messages=messages, false_positive_rate=fp32.chosen_rate,
+        heldout_false_positive_rates={path: r.measured_rate for path, r in rates.items()},
+        thresholds={path: r.threshold for path, r in rates.items()})
+    return operating_point_report(classifier.operating_point, rates)
+
+
+def add_paths(classifier: TextClassifier, data: str, replicas: dict[str, TextClassifier]) -> dict:
+    """Thresholds and held-out rates of more paths for an operating point chosen before (the
+    export's ONNX graphs); the others stay as they are."""
+    point = classifier.operating_point
+    rates = {"fp32": path_rates(classifier, data, point.target_fpr)[0]}
+    for path, replica in replicas.items():
+        rates[path] = path_rates(replica, data, point.target_fpr)[0]
+        point.thresholds = {**(point.thresholds or {"fp32": point.threshold}), path: rates[path].threshold}
+        point.heldout_false_positive_rates = {**point.heldout_false_positive_rates, path: rates[path].measured_rate}
+    return operating_point_report(point, rates)
+
+
+def operating_point_report(point: OperatingPoint, rates: dict[str, PathRates]) -> dict:
+    fp32 = rates["fp32"]
+    differ = {path: int((r.flagged != fp32.flagged).sum()) for path, r in rates.items() if path != "fp32"}
+    messages = int(fp32.flagged.size)
+    logger.info(f"operating point: {point.positive!r} when p >= {fp32.threshold:.4f}"
+                + "".join(f" ({path}: {r.threshold:.4f})" for path, r in rates.items() if path != "fp32")
+                + f", for a false-positive rate of at most {point.target_fpr:.2%} on {point.messages:,} held-out "
+                f"legitimate messages; measured on {messages:,} others: "
+                + ", ".join(f"{r.measured_rate:.2%} at {path}" for path, r in rates.items())
+                + "".join(f" ({n} labelled differently at {path})" for path, n in differ.items()))
+    return {"operating_point": point.to_dict(),
+            "heldout_test": {"messages": messages, "false_positive_rate": fp32.measured_rate,
+                             "false_positive_rate_by_precision": point.heldout_false_positive_rates,
+                             "labels_differing_from_fp32": differ}}
 
 
 def legitimate_logits(classifier: TextClassifier, data: str, split: str) -> np.ndarray:

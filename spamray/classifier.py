@@ -20,6 +20,7 @@ from torch import nn
 from . import saved
 from .lora import add_lora, merge_lora
 from .model import GPTConfig, GPTModel
+from .onnx_graphs import ONNX_PATHS, OnnxExports, OnnxLogits, load_graph
 from .operating_point import OperatingPoint, default_positive
 from .precision import PRECISIONS
 from .tokenizer import get_tokenizer
@@ -90,6 +91,11 @@ class TextClassifier(nn.Module):
         self.calibrated_share: float | None = None
         self.prior: float | None = None
         self.precision = "fp32"
+        self.onnx: OnnxLogits | None = None  # the ONNX Runtime session of an ONNX path
+        # Where a loaded classifier came from, and the ONNX graphs its folder carries (spamray.onnx_graphs).
+        self.source: str | None = None
+        self.saved_metadata: dict | None = None
+        self.exports: OnnxExports | None = None
 
     @classmethod
     def from_gpt2(cls, model: GPTModel, labels: Sequence[str], pooling: str = "last_token",
@@ -104,13 +110,20 @@ class TextClassifier(nn.Module):
     def cfg(self) -> GPTConfig:
         return self.gpt.cfg
 
-    def set_precision(self, precision: str) -> "TextClassifier":
-        """fp32, or bf16 for the transformer (half the memory traffic, tensor cores) while the final
-        LayerNorm and the head stay fp32: the logits, and so the decision at a threshold, come out of
-        fp32 arithmetic on the bf16 hidden states. bf16 rounds the weights: going back to fp32
-        does not restore them (use a copy)."""
+    def set_precision(self, precision: str, threads: int | None = None) -> "TextClassifier":
+        """The path it scores with (spamray.precision): fp32; bf16 for the transformer (half the
+        memory traffic, tensor cores) while the final LayerNorm and the head stay fp32, so the logits,
+        and the decision at a threshold, come out of fp32 arithmetic on the bf16 hidden states; or an
+        ONNX graph its saved folder carries, run by ONNX Runtime on `threads` threads (torch's by
+        default). bf16 rounds the weights: going back to fp32 does not restore them (use a copy)."""
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        self.onnx = None
+        if precision in ONNX_PATHS:
+            if self.source is None:
+                raise ValueError(f"{precision} runs the ONNX graph of a saved classifier: save it, run `spamray export "
+                                 "MODEL DATA`, and load it again")
+            self.onnx = load_graph(self.source, self.saved_metadata, precision, threads or torch.get_num_threads())
         self.gpt.to(torch.bfloat16 if precision == "bf16" else torch.float32)
         self.gpt.final_norm.float()
         self.gpt.out_head.float()
@@ -192,7 +205,11 @@ class TextClassifier(nn.Module):
         logits = np.empty((len(batch), len(self.labels)), dtype=np.float32)
         for rows in length_buckets([len(ids) for ids in batch], max_batch_tokens, max_batch_rows):
             token_ids, lengths = pad_rows([batch[row] for row in rows], self.max_length, self.pad_to)
-            logits[rows] = self(torch.from_numpy(token_ids).to(device), torch.from_numpy(lengths).to(device)).float().cpu().numpy()
+            if self.onnx is not None:
+                logits[rows] = self.onnx(token_ids, lengths)
+            else:
+                logits[rows] = self(torch.from_numpy(token_ids).to(device),
+                                    torch.from_numpy(lengths).to(device)).float().cpu().numpy()
         return logits
 
     def score_token_ids(self, batch: Sequence[Sequence[int]], max_batch_tokens: int | None = None,
@@ -242,8 +259,10 @@ class TextClassifier(nn.Module):
 
     # -- saving ---------------------------------------------------------------------------
     def save(self, url: str, overwrite: bool = False, extra_files: dict[str, bytes] | None = None) -> None:
-        """Writes the classifier folder (see spamray.saved); LoRA updates are merged first."""
+        """Writes the classifier folder (see spamray.saved); LoRA updates are merged first. The ONNX
+        graphs a loaded classifier carries go along (a graph of other weights is refused on load)."""
         merge_lora(self.gpt)
+        extra_files = {**self.carried_graphs(skip=set(extra_files or ())), **(extra_files or {})}
         metadata = {
             "model_config": self.cfg.to_dict(),
             "labels": self.labels,
@@ -258,6 +277,7 @@ class TextClassifier(nn.Module):
             "positive_label": self.positive,
             "calibrated_share": self.calibrated_share,
             "prior": self.prior,
+            "onnx": self.exports.to_dict() if self.exports else None,
         }
         saved.write_saved(url, metadata, self.state_dict(), overwrite=overwrite, extra_files=extra_files)
 
@@ -286,7 +306,17 @@ class TextClassifier(nn.Module):
         classifier.positive = metadata.get("positive_label") or (point or {}).get("positive") or classifier.positive
         classifier.calibrated_share, classifier.prior = metadata.get("calibrated_share"), metadata.get("prior")
         classifier.version = saved.model_version(metadata)
+        classifier.source, classifier.saved_metadata = url, metadata
+        classifier.exports = OnnxExports.from_dict(metadata["onnx"]) if metadata.get("onnx") else None
         return classifier.eval()
+
+    def carried_graphs(self, skip: set[str]) -> dict[str, bytes]:
+        """The ONNX graph files of the folder this classifier was loaded from, to save beside it
+        (but those in `skip`, given anew)."""
+        if self.exports is None:
+            return {}
+        files = [graph.file for graph in self.exports.graphs.values() if graph.file and graph.file not in skip]
+        return {file: saved.read_file(self.source, file) for file in files}
 
     def fingerprint(self) -> str:
         """A short hash of the weights and settings: names the model version in outputs."""

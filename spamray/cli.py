@@ -11,8 +11,8 @@ import sys
 import typing
 from collections.abc import Callable, Sequence
 
-from .config import (CalibrateConfig, ClassifyConfig, DemoConfig, EvaluateConfig, PrepareConfig, ScoreConfig,
-                     ServeConfig, TrainConfig, VacuumConfig)
+from .config import (CalibrateConfig, ClassifyConfig, DemoConfig, EvaluateConfig, ExportConfig, PrepareConfig,
+                     ScoreConfig, ServeConfig, TrainConfig, VacuumConfig)
 from .errors import USER_ERRORS
 
 
@@ -159,9 +159,22 @@ def run_calibrate(cfg: CalibrateConfig) -> None:
 
     classifier = TextClassifier.load(cfg.model)
     classifier.metrics = {**classifier.metrics, "calibration": calibrate(classifier, cfg.data, cfg.target_fpr,
-                                                                               cfg.prior)}
+                                                                               cfg.prior, cfg.precisions)}
     classifier.save(cfg.output or cfg.model, overwrite=True)
     print(f"calibrated classifier saved to {cfg.output or cfg.model} (version {classifier_version(cfg.output or cfg.model)})")
+
+
+def run_export(cfg: ExportConfig) -> int:
+    from .export import export
+
+    report = export(cfg.model, cfg.data, cfg.output)
+    output = cfg.output or cfg.model
+    print(f"{report.describe()}; saved to {output} (version {classifier_version(output)})")
+    if report.refused:
+        print(f"spamray export: error: {', '.join(report.refused)} failed the parity gate (see above); scoring "
+              "refuses what failed", file=sys.stderr)
+        return 1
+    return 0
 
 
 def classifier_version(url: str) -> str:
@@ -221,6 +234,8 @@ VERBS: dict[str, tuple[type, Callable, str]] = {
                  "filter ROC and precision-recall (curves with --output), the operating point, calibration"),
     "calibrate": (CalibrateConfig, run_calibrate, "fit temperature scaling and a spam filter's threshold for a "
                   "target false-positive rate on a prepared folder's held-out data"),
+    "export": (ExportConfig, run_export, "ONNX graphs of a saved classifier (fp32 and int8) for ONNX Runtime, each "
+               "gated against torch and given its own threshold, saved in its folder"),
     "classify": (ClassifyConfig, run_classify, "label a few messages (one JSON line each)"),
     "score": (ScoreConfig, run_score, "score Parquet/CSV archives with Ray Data into a Delta Lake table"),
     "serve": (ServeConfig, run_serve, "classify messages online: the saved classifier behind HTTP with Ray Serve "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .precision import PRECISION_CHOICES, PRECISIONS
+from .precision import PRECISION_CHOICES, PRECISIONS, TRAINING_PRECISION_CHOICES
 
 
 def option(default, help: str, **extra):
@@ -87,7 +87,7 @@ class TrainConfig:
     seed: int = option(123, "torch seed")
     precision: str = option("fp32", "compute of the training steps: fp32, bf16 (autocast: bf16 matrix products, fp32 "
                             "weights, optimizer and LayerNorms), or auto (bf16 on GPUs and on CPUs with bf16 matrix "
-                            "units or instructions, fp32 elsewhere)", choices=list(PRECISION_CHOICES))
+                            "units or instructions, fp32 elsewhere)", choices=list(TRAINING_PRECISION_CHOICES))
     num_workers: int = option(1, "Ray Train workers (one GPU each when --use-gpu)")
     use_gpu: bool | None = option(None, "one GPU per worker; default: when the cluster has GPUs")
     cpus_per_worker: int = option(2, "CPUs (and torch threads) per worker")
@@ -118,9 +118,8 @@ class EvaluateConfig:
     quoted_tsv: bool = quoted_tsv_option()
     output: str | None = option(None, "folder for roc.png, precision_recall.png and evaluation.json (binary "
                                 "classifiers)")
-    precision: str = option("fp32", "compute as a scoring replica at this precision does (score --precision: bf16 "
-                            "on GPUs and on CPUs with bf16 units by default), so the rates measured are the ones it "
-                            "labels with", choices=list(PRECISIONS))
+    precision: str = option("fp32", "compute as a scoring replica on this path does (score --precision), so the "
+                            "rates measured are the ones it labels with", choices=list(PRECISIONS))
 
 
 @dataclass
@@ -131,7 +130,20 @@ class CalibrateConfig:
     target_fpr: float | None = option(0.005, "flag at most this share of legitimate messages (binary classifiers); "
                                       "none: no operating point")
     prior: float | None = option(None, "the positive class's share of the traffic the classifier will label (about 0.13 in the SMS collection; the balanced validation split is about half): probabilities are shifted from the validation mix to it; labels at the operating point do not change")
+    precisions: list[str] = option(["auto"], "paths to choose a threshold on, each on its own probabilities (fp32 "
+                                   "always): auto is those this machine scores with at speed (bf16 on GPUs and on "
+                                   "CPUs with bf16 units; a CPU without them emulates bf16 at about a sixth of fp32's "
+                                   "speed) and the ONNX graphs the classifier carries; name bf16 to calibrate for "
+                                   "other machines", choices=list(PRECISION_CHOICES))
     output: str | None = option(None, "save the calibrated classifier here (default: replace MODEL)")
+
+
+@dataclass
+class ExportConfig:
+    model: str = required("saved classifier folder or URL", positional=True)
+    data: str = required("prepared folder: the parity gate and each graph's threshold use heldout_tune (and "
+                         "validation), its held-out rate heldout_test", positional=True)
+    output: str | None = option(None, "save the classifier with its graphs here (default: replace MODEL)")
 
 
 @dataclass
@@ -156,11 +168,13 @@ class ScoreConfig:
     cpus_per_replica: int = option(2, "CPUs (and torch threads) per model replica")
     batch_size: int | None = option(None, "rows per Ray Data batch sent to a replica (default: 1024 on CPUs, "
                                     "16384 on GPUs); a replica groups them by length, so larger batches pad less")
-    precision: str = option("auto", "weights and activations of the replicas: auto is bf16 on GPUs and on CPUs "
-                            "with bf16 matrix units or instructions (amx_bf16, avx512_bf16: there bf16 scored 2.1-3.2x "
-                            "fp32's messages/s with 100% of labels at the operating point unchanged, bench/score.py), "
-                            "fp32 on other CPUs and for a classifier calibrated without a bf16 threshold; the run's "
-                            "log and the table's commit name the choice and why", choices=list(PRECISION_CHOICES))
+    precision: str = option("auto", "what the replicas compute with: torch fp32 or bf16, or ONNX Runtime running the "
+                            "classifier's exported graph (`spamray export`) in fp32 or int8. auto is bf16 on GPUs; on "
+                            "CPUs the fastest path the CPU and the classifier offer, in the order onnx-int8, bf16 "
+                            "(CPUs with amx_bf16 or avx512_bf16), onnx-fp32, fp32, each only with a threshold "
+                            "calibrated on its own probabilities (labels at the operating point stayed fp32's on at "
+                            "least 99.5% of messages on every path, bench/score.py); the run's log and the table's "
+                            "commit name the choice and why", choices=list(PRECISION_CHOICES))
     threshold: float | None = option(None, "label a binary classifier's positive class where its probability "
                                      "reaches this (default: the classifier's operating point, else the most "
                                      "probable label)")
@@ -186,7 +200,7 @@ class DemoConfig:
     learning_rate: float = option(5e-4, "AdamW learning rate (higher than the book's: random weights)")
     num_workers: int = option(1, "Ray Train workers")
     precision: str = option("fp32", "training compute (train --precision): fp32, bf16 or auto",
-                            choices=list(PRECISION_CHOICES))
+                            choices=list(TRAINING_PRECISION_CHOICES))
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The offline end-to-end job: prepare -> train -> evaluate -> score, on the shipped data.
+"""The offline end-to-end job: prepare -> train -> evaluate -> export -> score, on the shipped data.
 
 No GPT-2 weights can be downloaded where this runs by default, so it trains a small GPT-2 from
 random weights with every layer trainable. The same verbs with `--weights gpt2` are the
@@ -14,6 +14,7 @@ from pathlib import Path
 from . import storage
 from .config import DemoConfig, EvaluateConfig, PrepareConfig, ScoreConfig, TrainConfig
 from .evaluate import evaluate, format_report
+from .export import export
 from .prepare import prepare, read_labelled
 from .score import score
 from .train import train
@@ -40,6 +41,10 @@ def demo(cfg: DemoConfig) -> dict:
     logger.info("\n== evaluate: the test split (curves in evaluation/)")
     report = evaluate(EvaluateConfig(model=model, data=data, split="test", output=str(work / "evaluation")))
     logger.info(format_report(report))
+
+    logger.info("\n== export: ONNX graphs for ONNX Runtime (fp32, int8), each gated against torch, with its own threshold")
+    exported = export(model, data)
+    logger.info(exported.describe())
 
     logger.info("\n== score: all 5,574 shipped messages through the Ray Data pipeline")
     for folder in (archive, scores):  # the demo's own: made afresh (an earlier spamray's scores folder too)

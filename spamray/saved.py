@@ -79,6 +79,14 @@ def read_metadata(url: str) -> dict:
     return metadata
 
 
+def read_file(url: str, name: str) -> bytes:
+    """A file the folder's spamray.json names beside the weights (an ONNX graph)."""
+    file_url = storage.join(url, name)
+    if not storage.exists(file_url):
+        raise SavedClassifierError(f"{url} is incomplete: {name} is missing")
+    return storage.read_bytes(file_url)
+
+
 def model_version(metadata: dict) -> str:
     """Names what scores: the weights, and the calibration and operating point when there are
     any (a classifier saved without them keeps the name it always had)."""

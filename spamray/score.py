@@ -24,6 +24,7 @@ from .driver_actors import BatchCrashes, RowsWritten, scoring_turn, start_beside
 from .errors import SpamrayError, last_line, store_step
 from .classifier import probability_column
 from .inputs import InputFile, check_inputs, list_input_files, read_chunks
+from .onnx_graphs import export_problems
 from .operating_point import OperatingPoint
 from .precision import PrecisionChoice, cluster_precision, resolve_precision
 from .progress import Progress
@@ -127,8 +128,10 @@ class Scorer:
         if on_gpu:
             self.classifier.cuda()
         point = self.classifier.operating_point if threshold is None else None  # (a given threshold replaces it)
-        self.precision = resolve_precision(precision, on_gpu, operating_point=point and point.to_dict())
-        self.classifier.set_precision(self.precision.precision)
+        self.precision = resolve_precision(precision, on_gpu, operating_point=point and point.to_dict(),
+                                           threshold_given=threshold is not None,
+                                           exports=export_problems(self.classifier.saved_metadata))
+        self.classifier.set_precision(self.precision.precision, threads)
         self.columns = [probability_column(label) for label in self.classifier.labels]
         self.model_name = model_name
         self.node = replica_node()
@@ -285,7 +288,7 @@ def plan_run(cfg: ScoreConfig, metadata: dict) -> tuple[Run, ScoreSummary]:
 
     operating_point = metadata.get("operating_point") if cfg.threshold is None else None
     precision = cluster_precision(cfg.precision, operating_point, TASK_CPUS,  # a refusal comes before any work
-                                  threshold_given=cfg.threshold is not None)
+                                  threshold_given=cfg.threshold is not None, exports=export_problems(metadata))
     threshold = (cfg.threshold if operating_point is None
                  else OperatingPoint(**operating_point).threshold_at(precision.precision))
     run = Run(new_run_id(), table, state, to_score, rows_to_score, rows, mode, model_version, classifier_version,

@@ -38,6 +38,7 @@ from . import saved
 from .config import ServeConfig
 from .errors import SpamrayError
 from .inputs import STATUS_UNDECODABLE
+from .onnx_graphs import export_problems
 from .precision import resolve_precision
 from .score import Scorer, tokenize_batch
 
@@ -393,7 +394,8 @@ def serve_classifier(cfg: ServeConfig) -> None:
     token_sha256 = token_digest(read_token(cfg.token_file))
     metadata = saved.read_metadata(cfg.model)  # a model that cannot load fails before anything is deployed
     if cfg.precision != "auto":  # (auto is each replica's own hardware; an explicit bf16 must have a threshold)
-        resolve_precision(cfg.precision, on_gpu=False, operating_point=metadata.get("operating_point"))
+        resolve_precision(cfg.precision, on_gpu=False, operating_point=metadata.get("operating_point"),
+                          exports=export_problems(metadata))
     if cfg.detach and not os.environ.get("RAY_ADDRESS"):
         raise ValueError("--detach leaves the application on a cluster: set RAY_ADDRESS (a local Ray ends with "
                          "this process)")

@@ -35,7 +35,7 @@ from .driver_actors import ProgressBoard, start_beside_driver
 from .evaluate import accuracy_by_split
 from .model import count_parameters
 from .plots import plot_history
-from .precision import cluster_precision
+from .precision import TRAINING_SPEED_ORDER, cluster_precision
 from .progress import Progress
 from .prepare import prepared_digest, read_prepared_labels, split_url
 from .tokenizer import get_tokenizer
@@ -385,7 +385,7 @@ def train(cfg: TrainConfig) -> dict:
     del probe
 
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    choice = cluster_precision(cfg.precision)
+    choice = cluster_precision(cfg.precision, order=TRAINING_SPEED_ORDER)
     cfg = replace(cfg, precision=choice.precision)  # the run's name and record hold what it computes in
     run_name = cfg.run_name or default_run_name(cfg, prepared_digest(cfg.data))
     storage_path = cfg.storage_path or str(Path.home() / "ray_results")

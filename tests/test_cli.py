@@ -13,7 +13,7 @@ def test_every_verb_prints_its_help(verb, capsys):
     text = capsys.readouterr().out
     assert text.startswith(f"usage: spamray {verb}")
     if verb == "score":  # a help text holding "%" once broke argparse's formatting
-        assert "100% of labels" in text and "--precision {auto,fp32,bf16}" in text
+        assert "99.5% of messages" in text and "--precision {auto,fp32,bf16,onnx-fp32,onnx-int8}" in text
 
 
 def test_list_options_take_several_values_and_optional_ones_their_type():

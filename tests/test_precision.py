@@ -62,7 +62,7 @@ def test_a_classifier_labels_at_bf16_only_with_a_threshold_chosen_at_bf16():
 @pytest.fixture(scope="module")
 def calibrated(trained_enough, prepared_sms, tmp_path_factory) -> str:
     model = str(tmp_path_factory.mktemp("precision") / "model")
-    assert main(["calibrate", trained_enough, prepared_sms, "--output", model]) == 0
+    assert main(["calibrate", trained_enough, prepared_sms, "--output", model, "--precisions", "bf16"]) == 0
     return model
 
 
@@ -136,3 +136,39 @@ def test_a_scoring_run_with_a_threshold_says_what_it_applies_it_to(ray_local, mo
         runs[name] = summary.precision, commit_record(out, summary.table_version)["precision_reason"]
     assert runs["plain"][0] == "bf16"  # auto on this (pretended) CPU, without a threshold
     assert runs["threshold"][0] == "fp32" and "--threshold" in runs["threshold"][1]
+
+
+USABLE = {"onnx-fp32": None, "onnx-int8": None}
+EVERY_PATH = {**POINT, "thresholds": {"fp32": 0.9, "bf16": 0.91, "onnx-fp32": 0.9, "onnx-int8": 0.92}}
+
+
+@pytest.mark.parametrize("flags, exports, point, expected", [
+    ({"avx2"}, USABLE, EVERY_PATH, "onnx-int8"),  # Zen 3: int8 on AVX2
+    ({"avx2", "avx512_vnni", "avx512_bf16"}, USABLE, EVERY_PATH, "onnx-int8"),  # Zen 5: int8 before bf16
+    ({"amx_bf16", "amx_int8"}, USABLE, EVERY_PATH, "onnx-int8"),  # AMX
+    ({"avx2", "avx512_bf16"}, {**USABLE, "onnx-int8": "its onnx-int8 graph failed the gate"}, EVERY_PATH, "bf16"),
+    ({"avx2"}, {**USABLE, "onnx-int8": "its onnx-int8 graph failed the gate"}, EVERY_PATH, "onnx-fp32"),
+    ({"avx2"}, USABLE, {**POINT, "thresholds": {"fp32": 0.9, "onnx-fp32": 0.9}}, "onnx-fp32"),  # no int8 threshold
+    ({"avx2"}, None, EVERY_PATH, "fp32"),  # a classifier without graphs is scored as before
+    ({"avx512_bf16"}, None, EVERY_PATH, "bf16"),
+    ({"avx2"}, USABLE, None, "onnx-int8"),  # no operating point: argmax labels, no threshold needed
+])
+def test_auto_takes_the_fastest_path_this_cpu_and_this_classifier_offer(flags, exports, point, expected):
+    choice = resolve_precision("auto", False, frozenset(flags), point, exports=exports)
+    assert choice.precision == expected
+    assert choice.reason.startswith("auto: the fastest path that holds on this CPU (")
+    passed_over = choice.reason.split("; not ")[1:]  # each faster path, with why it was not taken
+    assert [why.partition(":")[0] for why in passed_over] == \
+        list(("onnx-int8", "bf16", "onnx-fp32", "fp32")[:("onnx-int8", "bf16", "onnx-fp32", "fp32").index(expected)])
+
+
+def test_an_explicit_onnx_path_is_refused_without_a_gated_graph_and_a_threshold():
+    with pytest.raises(ValueError, match="--precision onnx-int8: it carries no ONNX graphs; run `spamray export"):
+        resolve_precision("onnx-int8", False, frozenset({"avx2"}), EVERY_PATH)
+    with pytest.raises(ValueError, match="--precision onnx-int8: its onnx-int8 graph failed"):
+        resolve_precision("onnx-int8", False, frozenset(), EVERY_PATH,
+                          exports={**USABLE, "onnx-int8": "its onnx-int8 graph failed the gate"})
+    with pytest.raises(ValueError, match="no threshold was chosen at onnx-int8"):
+        resolve_precision("onnx-int8", False, frozenset(), {**POINT, "thresholds": {"fp32": 0.9}}, exports=USABLE)
+    assert resolve_precision("fp32", False, frozenset(), EVERY_PATH, exports=USABLE).precision == "fp32"
+    assert resolve_precision("auto", True, None, EVERY_PATH, exports=USABLE).precision == "bf16"  # a GPU: torch bf16

@@ -169,7 +169,7 @@ def test_an_operating_point_that_cannot_be_chosen_fails_before_training_and_none
 def test_the_false_positive_rate_is_measured_at_each_precision_and_every_path_labels_alike(
         trained_enough, prepared_sms, tmp_path, capsys, caplog):
     """bf16 replicas keep the final LayerNorm and the head in fp32; calibrate measures the held-out
-    rate at fp32 and at bf16 (emulated on this CPU), and evaluate and a scoring replica at that
+    rate at fp32 and at bf16 (asked for by name), and evaluate and a scoring replica at that
     precision flag exactly the messages calibrate counted."""
     import pandas as pd
 
@@ -177,7 +177,8 @@ def test_the_false_positive_rate_is_measured_at_each_precision_and_every_path_la
     from spamray.score import Scorer, tokenize_batch
 
     model = str(tmp_path / "model")
-    assert main(["calibrate", trained_enough, prepared_sms, "--target-fpr", "0.01", "--output", model]) == 0
+    assert main(["calibrate", trained_enough, prepared_sms, "--target-fpr", "0.01", "--output", model,
+                 "--precisions", "bf16"]) == 0  # named: bf16 on any CPU (auto leaves it out where it is emulated)
     logged = caplog.text
     classifier = TextClassifier.load(model)
     point = classifier.operating_point
@@ -203,6 +204,18 @@ def test_the_false_positive_rate_is_measured_at_each_precision_and_every_path_la
         batch = tokenize_batch(pa.table({"text": legitimate[:500], "status": pa.nulls(500, pa.string())}),
                                max_length=classifier.max_length, keep_text=False)
         assert (scorer(batch)["label"].to_numpy() == "spam").tolist() == flagged[:500]
+
+
+@pytest.mark.parametrize("flags", [{"avx2"}, {"avx2", "avx512_bf16"}])
+def test_calibrate_chooses_a_bf16_threshold_by_default_only_where_the_cpu_runs_bf16(trained_enough, prepared_sms,
+                                                                                     tmp_path, monkeypatch, flags):
+    """bf16 emulated on a CPU without bf16 units runs at about a sixth of fp32's speed: calibrating
+    at it there costs more than it is worth, unless asked for."""
+    monkeypatch.setattr("spamray.calibrate.cpu_flags", lambda: frozenset(flags))
+    model = str(tmp_path / "model")
+    assert main(["calibrate", trained_enough, prepared_sms, "--output", model]) == 0
+    chosen = set(TextClassifier.load(model).operating_point.thresholds)
+    assert chosen == ({"fp32", "bf16"} if "avx512_bf16" in flags else {"fp32"})
 
 
 def test_a_prior_moves_the_probabilities_but_not_the_labels_at_the_operating_point(trained_enough, prepared_sms,

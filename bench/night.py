@@ -32,7 +32,7 @@ import spamray.score  # noqa: E402
 from spamray.config import ScoreConfig  # noqa: E402
 from spamray.inputs import read_chunks  # noqa: E402
 from spamray.prepare import read_labelled  # noqa: E402
-from spamray.score import Scorer, score, tokenize_batch  # noqa: E402
+from spamray.score import Scorer, replica_cpu_reservation, replica_threads, score, tokenize_batch  # noqa: E402
 
 
 def write_night(folder: Path, copies: int) -> list[str]:
@@ -134,10 +134,14 @@ def main() -> None:
         ratios = [a / b for a, b in zip(rates[precision], rates[base])]
         print(f"{precision} / {base} end to end, median of {len(ratios)} rounds: {statistics.median(ratios):.2f}x "
               f"({', '.join(f'{r:.2f}' for r in ratios)})")
-    alone = stages_alone(files, model, args.precisions, args.cpus_per_replica)
-    print("the stages alone in this process: " + ", ".join(f"{name} {s:.1f} s ({rows / s:,.0f} rows/s)"
-                                                           for name, s in alone.items()))
-
+    threads = replica_threads(replica_cpu_reservation(1, args.cpus_per_replica, os.cpu_count()))
+    alone = stages_alone(files, model, args.precisions, threads)
+    print(f"the stages alone in this process, scoring on the replica's {threads} thread(s): "
+          + ", ".join(f"{name} {s:.1f} s ({rows / s:,.0f} rows/s)" for name, s in alone.items()))
+    for precision, (name, seconds) in zip(args.precisions, [item for item in alone.items() if item[0].startswith("score")]):
+        end_to_end = statistics.median(rates[precision])
+        print(f"--precision {precision}: end to end {end_to_end:,.0f} rows/s, {end_to_end / (rows / seconds):.0%} of "
+              f"{name} alone in this process ({rows / seconds:,.0f} rows/s)")
 
 if __name__ == "__main__":
     main()

@@ -165,7 +165,9 @@ class ScoreConfig:
     incremental: bool = option(False, "score only input files that are new or changed since the last run")
     overwrite: bool = option(False, "replace earlier output (non-incremental runs only)")
     replicas: int = option(1, "model replicas (actors); one GPU each when GPUs exist")
-    cpus_per_replica: int = option(2, "CPUs (and torch threads) per model replica")
+    cpus_per_replica: int = option(2, "CPUs per model replica, and the threads it computes on; on a small cluster "
+                                   "a replica reserves fewer, leaving a CPU for reading and writing, and computes on "
+                                   "as many threads as it reserved")
     batch_size: int | None = option(None, "rows per Ray Data batch sent to a replica (default: 1024 on CPUs, "
                                     "16384 on GPUs); a replica groups them by length, so larger batches pad less")
     precision: str = option("auto", "what the replicas compute with: torch fp32 or bf16, or ONNX Runtime running the "

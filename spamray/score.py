@@ -413,6 +413,8 @@ def scoring_pipeline(cfg: ScoreConfig, run: Run, batch_crashes):
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     batch_rows = cfg.batch_size or RAY_BATCH_ROWS["gpu" if use_gpu else "cpu"]
     reserved_cpus = replica_cpu_reservation(cfg.replicas, cfg.cpus_per_replica, ray.cluster_resources().get("CPU", 1))
+    logger.info(f"each replica reserves {reserved_cpus:g} CPU(s) and computes on {replica_threads(reserved_cpus)} "
+                f"thread(s)")
     dataset = (
         ray.data.from_items([{"path": f.url} for f in run.to_score], override_num_blocks=len(run.to_score))
         .map_batches(_read_files, batch_size=1, batch_format="pyarrow", num_cpus=TASK_CPUS,
@@ -423,7 +425,7 @@ def scoring_pipeline(cfg: ScoreConfig, run: Run, batch_crashes):
         .map_batches(Scorer, batch_size=batch_rows, batch_format="pyarrow",
                      compute=ray.data.ActorPoolStrategy(size=cfg.replicas),
                      num_cpus=reserved_cpus, num_gpus=1 if use_gpu else 0,
-                     fn_constructor_kwargs={"model_url": cfg.model, "threads": cfg.cpus_per_replica,
+                     fn_constructor_kwargs={"model_url": cfg.model, "threads": replica_threads(reserved_cpus),
                                             "model_name": cfg.model, "precision": run.precision.precision,
                                             "model_version": run.classifier_version,
                                             "batch_crashes": batch_crashes, "threshold": cfg.threshold})
@@ -457,10 +459,17 @@ def replica_node() -> str:
 
 def replica_cpu_reservation(replicas: int, cpus_per_replica: int, cluster_cpus: float) -> float:
     """CPUs each replica reserves: its share, but never so many that the read and write tasks
-    find no CPU left (they would wait for the replicas, which wait for them). The replica still
-    runs `cpus_per_replica` threads: reading and writing need little CPU while it computes."""
+    find no CPU left (they would wait for the replicas, which wait for them)."""
     share = (cluster_cpus - 1) / replicas
     return float(min(cpus_per_replica, share)) if share >= 0.5 else 0.5
+
+
+def replica_threads(reserved_cpus: float) -> int:
+    """Threads a replica computes on: the CPUs it reserved (at least one). More would contend
+    with the read, tokenize and write tasks and Ray's own processes for the same cores; on a
+    2-core node two threads for one reserved CPU were each busy only 62% of a night, waiting at
+    every parallel region for the one the other work had pre-empted (bench/replica_cpu.py)."""
+    return max(1, int(reserved_cpus))
 
 
 def _read_files(batch: pa.Table, text_column: str, carried: dict[str, pa.DataType], chunk_rows: int,

@@ -140,3 +140,36 @@ def test_a_scoring_run_takes_the_fastest_path_and_its_commit_names_it(ray_local,
     assert record["threshold"] == classifier.operating_point.thresholds["onnx-int8"]
     frame = ScoresTable(out).read().to_pandas().sort_values("source_row")
     assert frame["label"].tolist() == [p.label for p in classifier.predict(texts)]
+
+
+class ThreadProbe:
+    """A scoring replica that reports the threads it computes on, from the thread Ray Data calls
+    it on (not the one that built it)."""
+
+    def __init__(self, model_url: str, threads: int, precision: str):
+        from spamray.score import Scorer
+
+        self.scorer = Scorer(model_url, threads=threads, model_name="m", precision=precision)
+
+    def __call__(self, batch: dict) -> dict:
+        onnx = self.scorer.classifier.onnx
+        return {"torch_threads": np.full(len(batch["id"]), torch.get_num_threads()),
+                "onnx_threads": np.full(len(batch["id"]), onnx.threads if onnx else 0)}
+
+
+def test_a_replica_computes_on_as_many_threads_as_it_reserved(ray_local, exported):
+    import ray
+    import ray.data
+
+    from spamray.score import replica_cpu_reservation, replica_threads
+
+    reserved = replica_cpu_reservation(1, 2, ray.cluster_resources()["CPU"])  # (scoring's default: 2 per replica)
+    threads = replica_threads(reserved)
+    assert threads == max(1, int(reserved)) <= 2
+    for precision in ("fp32", "onnx-int8"):
+        rows = (ray.data.range(4)
+                .map_batches(ThreadProbe, batch_size=2, num_cpus=reserved, compute=ray.data.ActorPoolStrategy(size=1),
+                             fn_constructor_kwargs={"model_url": exported, "threads": threads, "precision": precision})
+                .take_all())
+        assert {row["torch_threads"] for row in rows} == {threads}
+        assert {row["onnx_threads"] for row in rows} == ({threads} if precision == "onnx-int8" else {0})

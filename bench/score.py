@@ -10,9 +10,9 @@ Two trained classifiers, made once and then read from --cache:
   8 on the demo's prepared data, then calibrated the same way.
 
 Each path scores the same token ids in this one process: spamray's scorer at fp32 (the baseline)
-and bf16, torch's dynamic int8 quantization of the blocks' Linear layers, torch.compile, and ONNX
-Runtime (the same model exported with dynamic batch and length, fp32 and dynamically quantized
-int8), all on the same threads and the same length-bucketed batches. Per path: messages/s on the
+and bf16, torch's dynamic int8 quantization of the blocks' Linear layers, torch.compile, and
+spamray's ONNX Runtime paths (`spamray export`'s fp32 and int8 graphs, run as a replica runs
+them), all on the same threads and the same length-bucketed batches. Per path: messages/s on the
 first --messages SMS and its ratio to fp32 timed in the same round (median of the rounds: a shared
 machine's speed drifts between minutes); then at the operating point, with a threshold chosen for
 the classifier's target on the path's own probabilities of heldout_tune (as `spamray calibrate`
@@ -29,7 +29,6 @@ import copy
 import os
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -120,34 +119,14 @@ def compiled(precision: str):
     return build
 
 
-def onnx_runtime(quantized: bool):
-    """The classifier exported to ONNX (dynamic batch and length), run by ONNX Runtime's CPU
-    provider on spamray's own length-bucketed batches: a copy of the classifier whose forward
-    is the ONNX session, so bucketing, padding and the probabilities are spamray's."""
+def onnx_runtime(path: str):
+    """spamray's ONNX Runtime path (`spamray export`'s graph, run as a replica runs it): the
+    classifier's forward is the ONNX session, so bucketing, padding and the probabilities are spamray's."""
     def build(classifier: TextClassifier) -> TextClassifier:
-        import onnxruntime as ort
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from spamray.export import with_graph
+        from spamray.onnx_graphs import OnnxLogits, export_graphs
 
-        folder = tempfile.mkdtemp(prefix="spamray-onnx-")
-        path = f"{folder}/model.onnx"
-        ids, lengths = torch.randint(0, 50000, (4, 12)), torch.tensor([12, 5, 7, 1])
-        batch, tokens = torch.export.Dim("batch"), torch.export.Dim("tokens", max=classifier.cfg.context_length)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(classifier, (ids, lengths), path, dynamo=True, verbose=False,
-                              input_names=["token_ids", "lengths"], output_names=["logits"],
-                              dynamic_shapes={"token_ids": {0: batch, 1: tokens}, "lengths": {0: batch}})
-        if quantized:
-            quantize_dynamic(path, f"{folder}/int8.onnx", weight_type=QuantType.QInt8)
-            path = f"{folder}/int8.onnx"
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        model = copy.deepcopy(classifier)
-        model.forward = lambda token_ids, lengths: torch.from_numpy(session.run(
-            None, {"token_ids": token_ids.numpy(), "lengths": lengths.numpy()})[0])
-        return model
+        return with_graph(classifier, path, OnnxLogits(export_graphs(classifier)[path], torch.get_num_threads()))
     return build
 
 
@@ -156,8 +135,8 @@ PATHS = {
     "torch int8 dynamic (Linear)": torch_int8_dynamic,
     "torch.compile fp32": compiled("fp32"),
     "torch.compile bf16": compiled("bf16"),
-    "ONNX Runtime fp32": onnx_runtime(quantized=False),
-    "ONNX Runtime int8 dynamic": onnx_runtime(quantized=True),
+    "spamray onnx-fp32 (ONNX Runtime)": onnx_runtime("onnx-fp32"),
+    "spamray onnx-int8 (ONNX Runtime, 7-bit weights)": onnx_runtime("onnx-int8"),
 }
 
 

@@ -399,6 +399,9 @@ def serve_classifier(cfg: ServeConfig) -> None:
     if cfg.detach and not os.environ.get("RAY_ADDRESS"):
         raise ValueError("--detach leaves the application on a cluster: set RAY_ADDRESS (a local Ray ends with "
                          "this process)")
+    if cfg.ingress == "haproxy" and (os.environ.get("RAY_ADDRESS") or cfg.config_out):
+        raise ValueError("--ingress haproxy applies to the local Ray spamray starts; a cluster's ingress is the "
+                         "cluster's own: start its nodes with RAY_SERVE_ENABLE_HA_PROXY=1")
     if not is_loopback(cfg.host) and token_sha256 is None:
         logging.getLogger(__name__).warning(f"serving on {cfg.host} with no token: anyone who reaches the port can "
                                             "classify (--token-file, or the cluster's ingress with TLS)")
@@ -411,6 +414,10 @@ def serve_classifier(cfg: ServeConfig) -> None:
         return
     from .cli import start_ray
 
+    if cfg.ingress == "haproxy":  # read by Serve's controller, which the local Ray starts with this environment
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        logging.getLogger(__name__).warning(f"HAProxy takes the requests in on {cfg.host}:{cfg.port}, and opens its "
+                                            "stats (8404) and metrics (9101) ports on every interface")
     start_ray()
     import ray
 

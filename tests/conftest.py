@@ -206,3 +206,14 @@ def trained_enough(tmp_path_factory, prepared_sms):
     folder = tmp_path_factory.mktemp("calibrated") / "model"
     classifier.eval().save(str(folder))
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def exported_classifier(trained_enough, prepared_sms, tmp_path_factory) -> str:
+    """`trained_enough` calibrated, with its ONNX graphs (`spamray export`): the ONNX paths' model."""
+    from spamray.cli import main
+
+    model = str(tmp_path_factory.mktemp("onnx") / "model")
+    assert main(["calibrate", trained_enough, prepared_sms, "--output", model]) == 0
+    assert main(["export", model, prepared_sms]) == 0
+    return model

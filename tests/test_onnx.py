@@ -22,12 +22,9 @@ from spamray.score import score
 from spamray.scores_table import ScoresTable
 
 
-@pytest.fixture(scope="module")
-def exported(trained_enough, prepared_sms, tmp_path_factory) -> str:
-    model = str(tmp_path_factory.mktemp("onnx") / "model")
-    assert main(["calibrate", trained_enough, prepared_sms, "--output", model]) == 0
-    assert main(["export", model, prepared_sms]) == 0
-    return model
+@pytest.fixture
+def exported(exported_classifier) -> str:
+    return exported_classifier
 
 
 def judged_messages(prepared_sms: str) -> list[str]:

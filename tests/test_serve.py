@@ -22,6 +22,7 @@ from conftest import SPAMRAY, spamray_process
 from test_cluster import RAY, free_port, loopback_head  # noqa: F401 (a fixture)
 
 from spamray import TextClassifier
+from spamray.calibrate import at_precision
 from spamray.cli import main
 from spamray.config import ScoreConfig
 from spamray.score import score
@@ -112,6 +113,8 @@ def test_the_token_is_checked_by_its_digest():
     (["--max-texts", "512"], "max_batch_size 256 is less than max_texts 512"),
     (["--detach"], "--detach leaves the application on a cluster: set RAY_ADDRESS"),
     (["--token-file", "/dev/null"], "--token-file /dev/null is empty"),
+    (["--ingress", "haproxy", "--config-out", "/tmp/spamray-never-written.yaml"],
+     "a cluster's ingress is the cluster's own: start its nodes with RAY_SERVE_ENABLE_HA_PROXY=1"),
 ])
 def test_settings_are_refused_before_anything_is_deployed(model_url, options, message, capsys, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -379,3 +382,29 @@ def test_a_new_model_rolls_out_and_a_killed_replica_is_replaced_without_losing_r
     after = [status for sent, _, status, _ in answers if sent > recovered]
     assert after and all(status == 200 for status in after)
     assert any(sent > killed for sent, *_ in answers)
+
+
+def test_the_haproxy_ingress_serves_on_loopback_with_the_token(exported_classifier, sms_messages, tmp_path):
+    """Ray Serve's HAProxy ingress in front of the replica (--ingress haproxy): the requests still
+    need the token, the answers are the classifier's at the path `auto` chose (ONNX Runtime int8
+    where the classifier carries its graph), and HAProxy binds the HTTP port on loopback alone."""
+    (tmp_path / "token").write_text(TOKEN)
+    port = free_port()
+    process = spamray_process(SPAMRAY, ["serve", "--model", exported_classifier, "--port", str(port), "--token-file",
+                                        str(tmp_path / "token"), "--cpus-per-replica", "1", "--ingress", "haproxy"])
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(base, process)
+        listening = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True).stdout
+        assert "haproxy" in listening and f"127.0.0.1:{port}" in listening and f"0.0.0.0:{port}" not in listening
+        assert classify(base, ["hello"], token=None)[0] == 401
+        status, body, _ = classify(base, sms_messages[:20])
+        assert status == 200 and body["precision"] == "onnx-int8"
+        expected = at_precision(TextClassifier.load(exported_classifier), "onnx-int8").predict(sms_messages[:20])
+        assert [result["label"] for result in body["results"]] == [p.label for p in expected]
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            process.kill()

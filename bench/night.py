@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from score import demo_classifier  # noqa: E402  (bench/score.py: the demo's classifier, made once)

@@ -53,11 +53,19 @@ class ProgressBoard:
         return self.state
 
 
-class RowsWritten:
-    """Rows the scoring run's writer tasks have written so far, for the driver's progress bar."""
+class RunLedger:
+    """A scoring run's shared counts in one actor (one process fewer beside the replicas, which on
+    a small node compete with it for cores): each batch's starts and finishes for its replicas
+    (`BatchCrashes`), and the rows its writer tasks have written, for the driver's progress bar."""
 
     def __init__(self):
-        self.rows = 0
+        self.crashes, self.rows = BatchCrashes(), 0
+
+    def start(self, batch_key: str) -> int:
+        return self.crashes.start(batch_key)
+
+    def finish(self, batch_key: str) -> None:
+        self.crashes.finish(batch_key)
 
     def add(self, rows: int) -> None:
         self.rows += rows
@@ -66,10 +74,12 @@ class RowsWritten:
         return self.rows
 
 
-class ScoringTurn:
-    """The one scoring run a Ray cluster runs at a time; see `scoring_turn`."""
+class ScoringTurn(RunLedger):
+    """The one scoring run a Ray cluster runs at a time (see `scoring_turn`), which also keeps that
+    run's ledger: one actor a run."""
 
     def __init__(self, run: str):
+        super().__init__()
         self.run = run
 
     def holder(self) -> str:
@@ -86,9 +96,10 @@ TURN_POLL_S = 2.0
 
 
 @contextmanager
-def scoring_turn(run: str, log: Callable[[str], None]) -> Iterator[None]:
+def scoring_turn(run: str, log: Callable[[str], None]) -> Iterator:
     """Waits until no other scoring run on this Ray cluster holds the turn, then holds it for
-    the `with` block. `run` names this run in the log of a run that waits for it."""
+    the `with` block, which gets the turn's actor: the run's ledger. `run` names this run in the
+    log of a run that waits for it."""
     import ray
 
     waited_for = None
@@ -105,7 +116,7 @@ def scoring_turn(run: str, log: Callable[[str], None]) -> Iterator[None]:
             time.sleep(TURN_POLL_S)
     try:
         ray.get(turn.holder.remote())
-        yield
+        yield turn
     finally:
         ray.kill(turn)
 

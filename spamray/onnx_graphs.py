@@ -98,8 +98,8 @@ class OnnxExports:
         if not graph.gate.passed:
             return f"its {path} graph failed the export's parity gate ({graph.gate.why})"
         if self.weights_sha256 != weights_sha256:
-            return (f"its ONNX graphs were exported from other weights (the classifier was trained or changed "
-                    f"since); run `spamray export MODEL DATA` again")
+            return ("its ONNX graphs were exported from other weights (the classifier was trained or changed "
+                    "since); run `spamray export MODEL DATA` again")
         runtime = runtime_versions()["onnxruntime"]
         if self.versions.get("onnxruntime") != runtime:
             return (f"its {path} graph was gated with onnxruntime {self.versions.get('onnxruntime')}, and this "
@@ -111,7 +111,7 @@ def export_problems(metadata: dict) -> dict[str, str | None]:
     """For each ONNX path, why the saved classifier of `metadata` cannot score with it (None: it can)."""
     record = metadata.get("onnx")
     if not record:
-        return {path: f"it carries no ONNX graphs; run `spamray export MODEL DATA` to make them" for path in ONNX_PATHS}
+        return {path: "it carries no ONNX graphs; run `spamray export MODEL DATA` to make them" for path in ONNX_PATHS}
     exports = OnnxExports.from_dict(record)
     return {path: exports.problem(path, metadata["weights"]["sha256"]) for path in ONNX_PATHS}
 

@@ -119,8 +119,8 @@ def threshold_problem(operating_point: dict | None, precision: str) -> str | Non
     if not operating_point or precision == "fp32" or precision in (operating_point.get("thresholds") or {}):
         return None
     if not operating_point.get("thresholds"):
-        return (f"the classifier's threshold was chosen at fp32 only (calibrated by an older spamray); `spamray calibrate` "
-                f"chooses one at every precision")
+        return ("the classifier's threshold was chosen at fp32 only (calibrated by an older spamray); `spamray calibrate` "
+                "chooses one at every precision")
     return (f"no threshold was chosen at {precision} (`spamray calibrate --precisions {precision}` chooses one, "
             f"`spamray export` for the ONNX paths)")
 

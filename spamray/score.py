@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from . import saved, storage
 from .config import ScoreConfig
-from .driver_actors import BatchCrashes, RowsWritten, scoring_turn, start_beside_driver
+from .driver_actors import scoring_turn
 from .errors import SpamrayError, last_line, store_step
 from .classifier import probability_column
 from .inputs import InputFile, check_inputs, list_input_files, read_chunks
@@ -234,10 +234,10 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     in `files_failed`; the others are committed."""
     started = time.time()
     metadata = read_classifier(cfg.model)  # a model that cannot load fails before waiting for a turn
-    with scoring_turn(f"{cfg.input} into {cfg.output}", logger.info):
+    with scoring_turn(f"{cfg.input} into {cfg.output}", logger.info) as ledger:
         run, summary = plan_run(cfg, metadata)  # planned in its turn: it sees what the run before committed
         if run.to_score:
-            score_into_table(cfg, run, summary)
+            score_into_table(cfg, run, summary, ledger)
         else:
             logger.info(f"nothing new to score in {cfg.input} ({summary.files_seen - len(summary.files_failed)} "
                         f"readable files already scored with model {run.model_version})")
@@ -325,11 +325,10 @@ class Run:
     data_schema: pa.Schema
 
 
-def score_into_table(cfg: ScoreConfig, run: Run, summary: ScoreSummary) -> None:
+def score_into_table(cfg: ScoreConfig, run: Run, summary: ScoreSummary, ledger) -> None:
     """Runs the pipeline over `run.to_score` into the table's sink (which audits and commits);
-    updates `summary`."""
-    import ray
-
+    updates `summary`. `ledger` (a driver_actors.RunLedger actor) counts the batches' crashes and
+    the rows written."""
     from .scores_sink import ScoresSink
 
     table, schema = run.table, table_schema(run.data_schema)
@@ -338,23 +337,18 @@ def score_into_table(cfg: ScoreConfig, run: Run, summary: ScoreSummary) -> None:
             table.create(schema)
             run.state = table.read_state()
         table.check_columns(run.state, schema)
-    batch_crashes, rows_written = start_beside_driver(BatchCrashes), start_beside_driver(RowsWritten)
-    try:
-        dataset = scoring_pipeline(cfg, run, batch_crashes)
-        precision = run.precision.precision
-        logger.info(f"scoring {len(run.to_score)} of {summary.files_seen} files from {cfg.input} with {cfg.model} "
-                    f"({run.model_version}), {cfg.replicas} replica(s), {precision} ({run.precision.reason}), "
-                    f"into {table.url}")
-        log_operating_point(run.operating_point, precision)
-        record = {"model": cfg.model, "model_version": run.model_version, "threshold": summary.threshold,
-                  "precision": precision, "precision_reason": run.precision.reason}
-        sink = ScoresSink(table, run.state, run.run_id, run.model_version, run.mode, run.data_schema, run.to_score,
-                          record, WRITE_BATCH_ROWS, rows_written, failed_up_front=set(summary.files_failed),
-                          footer_rows=run.footer_rows)
-        write_with_progress(dataset, sink, rows_written, run.rows_to_score)
-    finally:
-        ray.kill(batch_crashes)
-        ray.kill(rows_written)
+    dataset = scoring_pipeline(cfg, run, ledger)
+    precision = run.precision.precision
+    logger.info(f"scoring {len(run.to_score)} of {summary.files_seen} files from {cfg.input} with {cfg.model} "
+                f"({run.model_version}), {cfg.replicas} replica(s), {precision} ({run.precision.reason}), "
+                f"into {table.url}")
+    log_operating_point(run.operating_point, precision)
+    record = {"model": cfg.model, "model_version": run.model_version, "threshold": summary.threshold,
+              "precision": precision, "precision_reason": run.precision.reason}
+    sink = ScoresSink(table, run.state, run.run_id, run.model_version, run.mode, run.data_schema, run.to_score,
+                      record, WRITE_BATCH_ROWS, ledger, failed_up_front=set(summary.files_failed),
+                      footer_rows=run.footer_rows)
+    write_with_progress(dataset, sink, ledger, run.rows_to_score)
     outcome = sink.outcome
     result, output, audit = outcome.result, outcome.output, outcome.audit
     added = [f for url in result.plan.adds for f in output.files[url]]

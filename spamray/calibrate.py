@@ -158,7 +158,7 @@ def calibration_paths(classifier: TextClassifier, requested: list[str]) -> list[
     for a cluster of other CPUs."""
     import torch
 
-    paths = {"fp32"}
+    paths, problems = {"fp32"}, export_problems(classifier)
     for asked in requested:
         if asked != "auto":
             paths.add(asked)
@@ -168,11 +168,10 @@ def calibration_paths(classifier: TextClassifier, requested: list[str]) -> list[
         else:
             logger.info("calibration: no threshold at bf16 (this CPU has no bf16 units and would emulate it at about "
                         "a sixth of fp32's speed); `--precisions auto bf16` chooses one for machines that have them")
-        paths.update(path for path, problem in export_problems(classifier).items() if problem is None)
+        paths.update(path for path, problem in problems.items() if problem is None)
     for path in paths & set(ONNX_PATHS):
-        problem = export_problems(classifier)[path]
-        if problem:
-            raise ValueError(f"--precisions {path}: the classifier cannot score at {path}: {problem}")
+        if problems[path]:
+            raise ValueError(f"--precisions {path}: the classifier cannot score at {path}: {problems[path]}")
     return [path for path in PRECISIONS if path in paths]
 
 

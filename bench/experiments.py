@@ -21,7 +21,7 @@ import time
 from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from spamray.cli import setup_logging, start_ray  # noqa: E402
+from spamray.ray_runtime import setup_logging, start_ray  # noqa: E402
 from spamray.config import PrepareConfig, TrainConfig  # noqa: E402
 from spamray.prepare import prepare  # noqa: E402
 from spamray.train import train  # noqa: E402

@@ -35,7 +35,8 @@ from spamray.prepare import read_labelled
 # `spamray score` with the summary on stdout, in a fresh process (the baseline's code, where given).
 RUN_AND_REPORT = """
 import json, sys
-from spamray.cli import build_parser, config_from_args, start_ray
+from spamray.cli import build_parser, config_from_args
+from spamray.ray_runtime import start_ray
 from spamray.config import ScoreConfig
 from spamray.score import score
 start_ray()

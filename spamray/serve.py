@@ -40,6 +40,7 @@ from .errors import SpamrayError
 from .inputs import STATUS_UNDECODABLE
 from .onnx_graphs import export_problems
 from .precision import resolve_precision
+from .ray_runtime import start_ray
 from .score import Scorer, tokenize_batch
 
 APP_NAME = "spamray"
@@ -412,8 +413,6 @@ def serve_classifier(cfg: ServeConfig) -> None:
         Path(cfg.config_out).write_text(yaml.safe_dump(document, sort_keys=False))
         print(f"Serve config for {cfg.model} written to {cfg.config_out}: `serve deploy {cfg.config_out}`")
         return
-    from .cli import start_ray
-
     if cfg.ingress == "haproxy":  # read by Serve's controller, which the local Ray starts with this environment
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
         logging.getLogger(__name__).warning(f"HAProxy takes the requests in on {cfg.host}:{cfg.port}, and opens its "

@@ -2,7 +2,7 @@
 one Parquet file a copy) with the demo's trained classifier, at fp32 and at each other precision
 asked for, in turns, on one local Ray (its start-up is not counted).
 
-    python bench/night.py [--copies 8] [--rounds 2] [--precisions fp32 auto] [--cache runs/bench]
+    python bench/night.py [--copies 8] [--rounds 2] [--precisions fp32 auto] [--cache runs/bench] [--model DIR]
 
 Per run: rows/s end to end and its ratio to fp32's in the same round, then Ray Data's own stats of
 each stage (the summed wall time of its tasks) and the replica's busy share (its scoring function's
@@ -103,10 +103,11 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "auto"])
     parser.add_argument("--cache", default="runs/bench")
     parser.add_argument("--cpus-per-replica", type=int, default=os.cpu_count())
+    parser.add_argument("--model", help="a saved classifier folder (default: the demo's, made into --cache)")
     args = parser.parse_args()
     import ray
 
-    model, _ = demo_classifier(Path(args.cache).resolve())
+    model = args.model or demo_classifier(Path(args.cache).resolve())[0]
     work = Path(tempfile.mkdtemp(prefix="spamray-bench-night-"))
     files = write_night(work / "archive", args.copies)
     rows = pq.read_metadata(files[0]).num_rows * len(files)

@@ -2,9 +2,9 @@
 
     python bench/serve.py [--cache runs/bench] [--clients 1 8 16 32 128] [--sizes 1 16]
                           [--messages 2048] [--max-batch-size 256] [--batch-wait-ms 25]
-                          [--precision auto] [--cpus-per-replica N]
+                          [--precision auto] [--cpus-per-replica N] [--model DIR]
 
-The model is the demo's trained classifier (bench/score.py makes it once into --cache). First the
+The model is --model, or the demo's trained classifier (bench/score.py makes it once into --cache). First the
 in-process scorer: `spamray.serve.classify`, the very function a replica calls, over all the
 messages at once on the replica's threads (its messages/s is the ceiling Serve is held to). Then
 one replica on a local Ray behind Serve's HTTP proxy on 127.0.0.1, and for each number of
@@ -156,9 +156,10 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=256)
     parser.add_argument("--batch-wait-ms", type=float, default=25.0)
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--model", help="a saved classifier folder (default: the demo's, made into --cache)")
     parser.add_argument("--cpus-per-replica", type=int, default=os.cpu_count())
     args = parser.parse_args()
-    model, _ = demo_classifier(Path(args.cache).resolve())
+    model = args.model or demo_classifier(Path(args.cache).resolve())[0]
     texts = first_messages(args.messages)
     before = in_process_rate(model, texts, args.cpus_per_replica, args.precision)
     from spamray.score import Scorer

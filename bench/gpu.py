@@ -86,7 +86,8 @@ def replica_scoring(texts: list[str], peak: float, preset: str = "gpt2-small") -
 
     import pyarrow as pa
 
-    from spamray.score import RAY_BATCH_ROWS, Scorer, tokenize_batch
+    from spamray.replica import Scorer, tokenize_batch
+    from spamray.score import RAY_BATCH_ROWS
 
     torch.manual_seed(0)
     folder = tempfile.mkdtemp() + "/model"

@@ -31,7 +31,8 @@ import spamray.score  # noqa: E402
 from spamray.config import ScoreConfig  # noqa: E402
 from spamray.inputs import read_chunks  # noqa: E402
 from spamray.prepare import read_labelled  # noqa: E402
-from spamray.score import Scorer, replica_cpu_reservation, replica_threads, score, tokenize_batch  # noqa: E402
+from spamray.replica import Scorer, replica_cpu_reservation, replica_threads, tokenize_batch  # noqa: E402
+from spamray.score import score  # noqa: E402
 
 
 def write_night(folder: Path, copies: int) -> list[str]:

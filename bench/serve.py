@@ -5,7 +5,7 @@
                           [--precision auto] [--cpus-per-replica N] [--model DIR]
 
 The model is --model, or the demo's trained classifier (bench/score.py makes it once into --cache). First the
-in-process scorer: `spamray.serve.classify`, the very function a replica calls, over all the
+in-process scorer: `spamray.serve_requests.classify`, the very function a replica calls, over all the
 messages at once on the replica's threads (its messages/s is the ceiling Serve is held to). Then
 one replica on a local Ray behind Serve's HTTP proxy on 127.0.0.1, and for each number of
 concurrent clients and messages per request a fixed number of requests (so every level stops by
@@ -56,8 +56,8 @@ class Level:
 
 def in_process_rate(model: str, texts: list[str], threads: int, precision: str, rounds: int = 3) -> float:
     """Messages/s of the replica's own scoring function over all the messages at once."""
-    from spamray.score import Scorer
-    from spamray.serve import classify
+    from spamray.replica import Scorer
+    from spamray.serve_requests import classify
 
     scorer = Scorer(model, threads, model, precision)
     statuses = [None] * len(texts)
@@ -162,7 +162,7 @@ def main() -> None:
     model = args.model or demo_classifier(Path(args.cache).resolve())[0]
     texts = first_messages(args.messages)
     before = in_process_rate(model, texts, args.cpus_per_replica, args.precision)
-    from spamray.score import Scorer
+    from spamray.replica import Scorer
 
     precision_used = Scorer(model, args.cpus_per_replica, model, args.precision).precision.precision
     base = serve_replica(model, args)
@@ -184,7 +184,7 @@ def main() -> None:
     print(f"{cpu_description()}; ingress: {ingress()}; one replica, {args.cpus_per_replica} threads, "
           f"--precision {args.precision} ({precision_used}), "
           f"--max-batch-size {args.max_batch_size}, --batch-wait-ms {args.batch_wait_ms:g}")
-    print(f"in-process scorer (spamray.serve.classify, {len(texts):,} messages at once): {before:,.0f} and "
+    print(f"in-process scorer (spamray.serve_requests.classify, {len(texts):,} messages at once): {before:,.0f} and "
           f"{after:,.0f} msgs/s, mean {in_process:,.0f}\n")
     print("| clients | msgs/request | requests | req/s | msgs/s | x in-process | p50 ms | p95 ms | p99 ms | non-200 |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

@@ -22,7 +22,7 @@ def start_beside_driver(actor_class: type, *args, **options):
 
 class BatchCrashes:
     """How many times each scoring batch has crashed its replica, across replica restarts: a
-    replica reports each batch's start and finish (see score.MAX_BATCH_CRASHES). Crashes are
+    replica reports each batch's start and finish (see replica.MAX_BATCH_CRASHES). Crashes are
     starts that never finished: when Ray Data retries a whole task of several batches after one
     of them crashed, the batches before it start again, but they had finished, so they are not
     counted against."""

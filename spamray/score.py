@@ -13,9 +13,6 @@ import logging
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
-
-import numpy as np
 import pyarrow as pa
 
 from . import saved, storage
@@ -26,12 +23,10 @@ from .classifier import probability_column
 from .inputs import InputFile, check_inputs, list_input_files, read_chunks
 from .onnx_graphs import export_problems
 from .operating_point import OperatingPoint
-from .precision import PrecisionChoice, cluster_precision, resolve_precision
+from .precision import PrecisionChoice, cluster_precision
 from .progress import Progress
+from .replica import Scorer, replica_cpu_reservation, replica_threads, tokenize_batch
 from .scores_table import IDENTITY, PARTITIONS, ScoresTable, TableState, plan_inputs, table_schema
-from .tokenizer import get_tokenizer
-
-SCOREABLE = ("ok", "truncated")
 
 logger = logging.getLogger(__name__)
 # Ray Data gathers a replica's output into blocks of up to this size before they move on to the
@@ -51,14 +46,6 @@ INTERNAL_COLUMNS = {"token_ids", "file_error", "replica_node"}
 # task could start anywhere: the tasks waited for CPUs the replicas held, the replicas for rows.
 TASK_CPUS = 0.25
 REPLICA_START_TIMEOUT_S = 1800
-# A batch whose replica dies (a lost node, a crash) goes to a restarted replica. One that kills
-# every replica it reaches (a crash in native code, out of memory on some message) would do so
-# without end: Ray Data restarts replicas and retries their batches without limit. Once it has
-# crashed this many times, the batch is refused: its input files fail, named with the rows, the
-# others commit.
-MAX_BATCH_CRASHES = 3
-
-
 def output_schema(carried: dict[str, pa.DataType], keep_text: bool, labels: list[str]) -> pa.Schema:
     """The scores columns of the data files (the table adds the identity and partition columns,
     see scores_table)."""
@@ -78,128 +65,6 @@ def check_output_names(carried: list[str], labels: list[str]) -> None:
         if column in taken:
             raise ValueError(f"--keep/--id-column {column!r}: the scores output writes a column of that name itself; "
                              "rename the input column, or leave it out")
-
-
-def tokenize_batch(batch: pa.Table, max_length: int, keep_text: bool) -> pa.Table:
-    """Adds status (null, empty, undecodable, truncated, ok), n_tokens and token_ids."""
-    texts = batch["text"].to_pylist()
-    status = batch["status"].to_pylist()
-    for row, text in enumerate(texts):
-        if status[row] is None:
-            status[row] = "null" if text is None else "empty" if not text.strip() else "ok"
-    scoreable = [row for row, state in enumerate(status) if state == "ok"]
-    encoded = get_tokenizer().encode_batch([texts[row] for row in scoreable])
-    lengths = np.zeros(len(texts), dtype=np.int32)
-    for row, ids in zip(scoreable, encoded):
-        lengths[row] = len(ids)
-        if len(ids) > max_length:
-            status[row] = "truncated"
-    kept = np.minimum(lengths, max_length)
-    offsets = np.zeros(len(texts) + 1, dtype=np.int32)
-    np.cumsum(kept, out=offsets[1:])
-    flat = np.concatenate([np.asarray(ids[:max_length], dtype=np.int32) for ids in encoded]) if encoded else np.zeros(0, np.int32)
-    table = batch if keep_text else batch.drop_columns(["text"])
-    return (table.drop_columns(["status"])
-            .append_column("status", pa.array(status, pa.string()))
-            .append_column("n_tokens", pa.array(lengths))
-            .append_column("token_ids", pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))))
-
-
-class Scorer:
-    """One model replica: loads the saved classifier once, then scores batches of token ids.
-
-    It refuses a model whose version is not the run's (the model was overwritten while the run
-    was starting replicas), and a batch that already crashed MAX_BATCH_CRASHES replicas (see there)."""
-
-    def __init__(self, model_url: str, threads: int, model_name: str, precision: str = "auto",
-                 model_version: str | None = None, batch_crashes=None, threshold: float | None = None):
-        import torch
-
-        from .classifier import TextClassifier
-
-        torch.set_num_threads(threads)
-        self.classifier = TextClassifier.load(model_url)
-        if model_version is not None and self.classifier.version != model_version:
-            raise saved.SavedClassifierError(
-                f"{model_url} changed while this run was starting: the run recorded model version {model_version}, "
-                f"a replica loaded {self.classifier.version}. A run scores every row with one model version; "
-                "run it again to score with the new model")
-        on_gpu = torch.cuda.is_available()
-        if on_gpu:
-            self.classifier.cuda()
-        point = self.classifier.operating_point if threshold is None else None  # (a given threshold replaces it)
-        self.precision = resolve_precision(precision, on_gpu, operating_point=point and point.to_dict(),
-                                           threshold_given=threshold is not None,
-                                           exports=export_problems(self.classifier.saved_metadata))
-        self.classifier.set_precision(self.precision.precision, threads)
-        self.columns = [probability_column(label) for label in self.classifier.labels]
-        self.model_name = model_name
-        self.node = replica_node()
-        self.batch_crashes = batch_crashes
-        self.threshold = threshold
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.batch_crashes is None:
-            return self.score_batch(batch)
-        import ray
-
-        key = batch_key(batch)
-        crashes = ray.get(self.batch_crashes.start.remote(key))
-        if crashes >= MAX_BATCH_CRASHES:
-            scored = self.output(batch, [], np.zeros((0, len(self.columns)), np.float32),
-                                 file_errors=killer_batch_errors(batch, crashes=crashes))
-        else:
-            scored = self.score_batch(batch)
-        ray.get(self.batch_crashes.finish.remote(key))  # recorded before the next batch can crash
-        return scored
-
-    def score_batch(self, batch: pa.Table) -> pa.Table:
-        token_ids = batch["token_ids"].combine_chunks()
-        offsets, flat = token_ids.offsets.to_numpy(), token_ids.values.to_numpy()
-        scoreable = np.flatnonzero(np.isin(batch["status"].to_numpy(zero_copy_only=False), SCOREABLE))
-        probs = self.classifier.score_token_ids([flat[offsets[row]:offsets[row + 1]] for row in scoreable])
-        return self.output(batch, scoreable, probs)
-
-    def output(self, batch: pa.Table, scoreable, probs: np.ndarray, file_errors: pa.Array | None = None) -> pa.Table:
-        """The batch with its predictions: label, label_id and a probability per label, null
-        where a row was not scored."""
-        mask = np.ones(batch.num_rows, dtype=bool)
-        mask[scoreable] = False
-        full = np.zeros((batch.num_rows, len(self.columns)), dtype=np.float32)
-        full[scoreable] = probs
-        label_ids = np.zeros(batch.num_rows, dtype=np.int64)
-        label_ids[scoreable] = self.classifier.label_ids(probs, self.threshold) if len(probs) else 0
-        labels = np.asarray(self.classifier.labels, dtype=object)[label_ids]
-        out = batch.drop_columns(["token_ids"])
-        if file_errors is not None:
-            out = out.set_column(out.schema.get_field_index("file_error"), "file_error", file_errors)
-        out = out.append_column("label", pa.array(labels, pa.string(), mask=mask))
-        out = out.append_column("label_id", pa.array(label_ids, mask=mask))
-        for column, values in zip(self.columns, full.T):
-            out = out.append_column(column, pa.array(values, mask=mask))
-        now = datetime.now(timezone.utc)
-        return (out.append_column("model", pa.array([self.model_name] * batch.num_rows, pa.string()))
-                .append_column("scored_at", pa.array([now] * batch.num_rows, pa.timestamp("us", tz="UTC")))
-                .append_column("replica_node", pa.array([self.node] * batch.num_rows, pa.string())))
-
-
-def batch_key(batch: pa.Table) -> str:
-    """Names a batch by its first and last rows: a retried batch holds the same rows."""
-    files, rows = batch["source_file"], batch["source_row"]
-    return f"{files[0]}:{rows[0]}:{files[-1]}:{rows[-1]}:{batch.num_rows}"
-
-
-def killer_batch_errors(batch: pa.Table, crashes: int) -> pa.Array:
-    """`file_error` for each row of a batch that killed its replica every time: the input
-    file and the rows of it in the batch, so that a person can find the messages."""
-    spans: dict[str, tuple[int, int]] = {}
-    for file, row in zip(batch["source_file"].to_pylist(), batch["source_row"].to_pylist()):
-        first, last = spans.get(file, (row, row))
-        spans[file] = (min(first, row), max(last, row))
-    errors = {file: f"rows {first}-{last} killed the model replica scoring them {crashes} times (a crash in native "
-                    "code, or out of memory): look at those messages; nothing of this file is committed"
-              for file, (first, last) in spans.items()}
-    return pa.array([errors[file] for file in batch["source_file"].to_pylist()], pa.string())
 
 
 @dataclass
@@ -442,28 +307,6 @@ def log_operating_point(point: dict | None, precision: str) -> None:
             else f"no held-out false-positive rate measured at {precision} (run `spamray calibrate` again to measure it)")
     logger.info(f"labels at the operating point: {point.positive!r} when p >= {point.threshold_at(precision):.4f} at "
                 f"{precision} (target false-positive rate {point.target_fpr:.2%}; {rate})")
-
-
-def replica_node() -> str:
-    """The Ray node this process runs on ("local" outside Ray): the run summary names them."""
-    import ray
-
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
-
-
-def replica_cpu_reservation(replicas: int, cpus_per_replica: int, cluster_cpus: float) -> float:
-    """CPUs each replica reserves: its share, but never so many that the read and write tasks
-    find no CPU left (they would wait for the replicas, which wait for them)."""
-    share = (cluster_cpus - 1) / replicas
-    return float(min(cpus_per_replica, share)) if share >= 0.5 else 0.5
-
-
-def replica_threads(reserved_cpus: float) -> int:
-    """Threads a replica computes on: the CPUs it reserved (at least one). More would contend
-    with the read, tokenize and write tasks and Ray's own processes for the same cores; on a
-    2-core node two threads for one reserved CPU were each busy only 62% of a night, waiting at
-    every parallel region for the one the other work had pre-empted (bench/replica_cpu.py)."""
-    return max(1, int(reserved_cpus))
 
 
 def _read_files(batch: pa.Table, text_column: str, carried: dict[str, pa.DataType], chunk_rows: int,

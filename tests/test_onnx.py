@@ -144,7 +144,7 @@ class ThreadProbe:
     it on (not the one that built it)."""
 
     def __init__(self, model_url: str, threads: int, precision: str):
-        from spamray.score import Scorer
+        from spamray.replica import Scorer
 
         self.scorer = Scorer(model_url, threads=threads, model_name="m", precision=precision)
 
@@ -158,7 +158,7 @@ def test_a_replica_computes_on_as_many_threads_as_it_reserved(ray_local, exporte
     import ray
     import ray.data
 
-    from spamray.score import replica_cpu_reservation, replica_threads
+    from spamray.replica import replica_cpu_reservation, replica_threads
 
     reserved = replica_cpu_reservation(1, 2, ray.cluster_resources()["CPU"])  # (scoring's default: 2 per replica)
     threads = replica_threads(reserved)

@@ -17,7 +17,8 @@ from spamray import TextClassifier
 from spamray.cli import main
 from spamray.config import ScoreConfig
 from spamray.inputs import InputFile, list_input_files
-from spamray.score import Scorer, score, tokenize_batch
+from spamray.replica import Scorer, tokenize_batch
+from spamray.score import score
 from spamray.scores_audit import audit_written
 from spamray.scores_table import ScoresTable, WrittenFile, input_key, scoring_digest
 from conftest import SPAMRAY, spamray_process
@@ -153,7 +154,7 @@ def test_a_batch_that_kills_every_replica_fails_its_file_after_bounded_restarts(
     # run would never end.
     out = str(tmp_path / "scores")
     code, output, kills = score_killing_replicas(model_url, str(mixed_archive), out, tmp_path, once=False)
-    assert code == 1 and kills == spamray.score.MAX_BATCH_CRASHES, output[-3000:]
+    assert code == 1 and kills == spamray.replica.MAX_BATCH_CRASHES, output[-3000:]
     failed = next(line for line in output.splitlines() if line.startswith("FAILED"))
     assert "part-1.parquet" in failed and "killed the model replica scoring them 3 times" in failed
     first, last = map(int, failed.split("rows ")[1].split(" ")[0].split("-"))
@@ -351,9 +352,9 @@ def test_a_batch_is_refused_for_its_own_crashes_not_for_the_retries_of_its_task(
 
     crashes, first, killer = BatchCrashes(), "a.parquet:0:b.parquet:5:16", "b.parquet:6:b.parquet:21:16"
     refused = []
-    for attempt in range(spamray.score.MAX_BATCH_CRASHES + 1):
+    for attempt in range(spamray.replica.MAX_BATCH_CRASHES + 1):
         for batch in (first, killer):
-            if crashes.start(batch) >= spamray.score.MAX_BATCH_CRASHES:
+            if crashes.start(batch) >= spamray.replica.MAX_BATCH_CRASHES:
                 refused.append(batch)
             elif batch == killer:
                 break  # the replica died scoring it: no finish

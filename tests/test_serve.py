@@ -27,7 +27,7 @@ from spamray.cli import main
 from spamray.config import ScoreConfig
 from spamray.score import score
 from spamray.scores_table import ScoresTable
-from spamray.serve import BadRequest, authorized, parse_classify
+from spamray.serve_requests import BadRequest, authorized, parse_classify
 
 REPO = Path(__file__).resolve().parent.parent
 SERVE_CLI = str(Path(RAY).parent / "serve")

@@ -174,7 +174,7 @@ def test_the_false_positive_rate_is_measured_at_each_precision_and_every_path_la
     import pandas as pd
 
     from spamray.calibrate import at_precision
-    from spamray.score import Scorer, tokenize_batch
+    from spamray.replica import Scorer, tokenize_batch
 
     model = str(tmp_path / "model")
     assert main(["calibrate", trained_enough, prepared_sms, "--target-fpr", "0.01", "--output", model,

@@ -62,7 +62,7 @@ def test_the_first_token_sees_only_itself_causally_and_the_whole_message_without
 
 
 def test_the_settings_are_saved_and_every_path_scores_with_them(tmp_path, capsys):
-    from spamray.score import Scorer, tokenize_batch
+    from spamray.replica import Scorer, tokenize_batch
 
     classifier = tiny("first", causal=False)
     classifier.save(str(tmp_path / "model"))

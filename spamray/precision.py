@@ -6,7 +6,7 @@ hardware built for it, runs matrix products at several times fp32's rate: a GPU'
 and CPUs with bf16 matrix units or instructions (Intel AMX, AVX512-BF16 on Intel Cooper Lake and
 later and on AMD Zen 4 and later); on a CPU without them bf16 only adds conversions. ONNX
 Runtime's int8 runs on every x86 CPU. bench/score.py measures each path on trained classifiers at
-their operating point (README, "Performance").
+their operating point (docs/performance.md).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ RAY_LINE = re.compile(r"\[\d{4}-\d\d-\d\d [\d:,]+ [DIWEF] \d+ \d+\] \S+:\d+:"
 # The one Ray line allowed: Ray Data's actor pool passes its replicas' map function by object
 # reference, and Ray's C++ core worker says so at ERROR level on stderr, once a process
 # (ray-project/ray#53727). Ray 2.60 has no setting that moves that one line off the terminal
-# without hiding every other error: README, "What it shows on a terminal".
+# without hiding every other error: docs/demo.md.
 ALLOWED_RAY_LINE = re.compile(r"\] core_worker\.cc:\d+: Actor with class name: 'MapWorker\(MapBatches\(Scorer\)\)' "
                               r"and ID: '[0-9a-f]+' has constructor arguments in the object store and max_restarts > 0")
 

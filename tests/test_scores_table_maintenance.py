@@ -26,7 +26,7 @@ from spamray.score import score
 from spamray.scores_table import ScoresTable, input_key
 from test_scores_table import assert_every_row_once, live_files, put_bytes, table_files, write_parquet
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+SCORES_TABLE_DOC = Path(__file__).resolve().parents[1] / "docs" / "scores-table.md"
 # A long input URL with what breaks naive paths: spaces, %, =, a quote, non-ASCII (400 characters).
 LONG_FOLDER = "/".join(["nightly dump =%20 ärchive 'q' " + "x" * 150, "päth=with %2F spaces " + "y" * 150])
 
@@ -71,8 +71,8 @@ def assert_every_reader_agrees(url: str) -> None:
 
 
 def run_readme_reading_lines(url: str) -> None:
-    """Each line of README's "Reading it" block, on this table."""
-    block = README.read_text().split("Reading it:\n\n```python\n", 1)[1].split("```", 1)[0]
+    """Each line of docs/scores-table.md's "Reading it" block, on this table."""
+    block = SCORES_TABLE_DOC.read_text().split("Reading it:\n\n```python\n", 1)[1].split("```", 1)[0]
     names = {}
     exec(block.replace("s3://bucket/scores", url), names)
     assert len(names["frame"]) and names["table"].num_rows == len(names["table"]) > 0

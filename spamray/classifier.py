@@ -299,7 +299,7 @@ class TextClassifier(nn.Module):
         classifier.load_state_dict(tensors, strict=True, assign=True)
         classifier.metrics = metadata.get("metrics", {})
         classifier.trainable = metadata.get("trainable", "all")
-        # A classifier saved before calibration existed has neither: it behaves as it did.
+        # Uncalibrated: temperature 1 and no operating point, so the most probable label wins.
         classifier.temperature = float(metadata.get("temperature") or 1.0)
         point = metadata.get("operating_point")
         classifier.operating_point = OperatingPoint(**point) if point else None
@@ -321,7 +321,7 @@ class TextClassifier(nn.Module):
     def fingerprint(self) -> str:
         """A short hash of the weights and settings: names the model version in outputs."""
         settings = [self.cfg.to_dict(), self.labels, self.pooling, self.max_length]
-        if not self.causal or self.pad_to:  # (classifiers of the default settings keep their fingerprints)
+        if not self.causal or self.pad_to:
             settings += [self.causal, self.pad_to]
         digest = hashlib.sha256(json.dumps(settings).encode())
         for name, tensor in sorted(self.state_dict().items()):

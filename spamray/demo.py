@@ -46,7 +46,7 @@ def demo(cfg: DemoConfig) -> dict:
     export(model, data)  # (it logs each graph's gate and the thresholds)
 
     logger.info("\n== score: all 5,574 shipped messages through the Ray Data pipeline")
-    for folder in (archive, scores):  # the demo's own: made afresh (an earlier spamray's scores folder too)
+    for folder in (archive, scores):  # the demo's own, made afresh (scoring refuses a table that holds scores)
         storage.remove(folder)
     Path(archive).mkdir(parents=True)
     read_labelled("sms")[["text"]].to_parquet(f"{archive}/sms.parquet")

@@ -14,8 +14,8 @@ import numpy as np
 
 
 def default_positive(labels) -> str | None:
-    """Of two labels, 'spam' where it is one, else the second (what spamray assumed before the
-    positive class was recorded); None for other label sets."""
+    """Of two labels, 'spam' where it is one, else the second (a classifier's positive class
+    until its prepared data names one); None for other label sets."""
     if len(labels) != 2:
         return None
     return "spam" if "spam" in labels else labels[1]
@@ -79,7 +79,7 @@ class OperatingPoint:
     messages: int  # legitimate messages it was chosen on
     false_positive_rate: float  # measured there, at fp32
     heldout_false_positive_rates: dict[str, float] = field(default_factory=dict)
-    thresholds: dict[str, float] = field(default_factory=dict)  # empty: calibrated before spamray chose one a precision
+    thresholds: dict[str, float] = field(default_factory=dict)  # precision -> its threshold, fp32's included
 
     def threshold_at(self, precision: str) -> float | None:
         """The threshold a replica computing in `precision` labels with; None where none was chosen."""

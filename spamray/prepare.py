@@ -255,8 +255,8 @@ def read_prepared_labels(data: str) -> list[str]:
 
 
 def read_positive_label(data: str) -> str | None:
-    """The positive class of a prepared folder of two labels (None for other label sets). Folders
-    prepared before it was recorded: 'spam' where it is a label, else the second label, as then."""
+    """The positive class of a prepared folder of two labels, as its labels.json records it
+    (`default_positive` where it records none); None for other label sets."""
     record = read_labels_record(data)
     return record.get("positive") or default_positive(record["labels"])
 
@@ -279,6 +279,6 @@ def prepared_digest(data: str) -> str:
 
 
 def has_split(data: str, split_name: str) -> bool:
-    """Whether a prepared folder has this split (the held-out ones: only when balancing left rows
-    out, and only in folders prepared by this spamray or later)."""
+    """Whether a prepared folder has this split (the held-out ones exist only where balancing
+    left rows out)."""
     return storage.exists(split_url(data, split_name))

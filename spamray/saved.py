@@ -89,7 +89,7 @@ def read_file(url: str, name: str) -> bytes:
 
 def model_version(metadata: dict) -> str:
     """Names what scores: the weights, and the calibration and operating point when there are
-    any (a classifier saved without them keeps the name it always had)."""
+    any (an uncalibrated classifier is named by the sha256 of its weights alone)."""
     weights = metadata["weights"]["sha256"]
     calibration = {key: metadata.get(key) for key in ("temperature", "operating_point")}
     if calibration["temperature"] in (None, 1.0) and calibration["operating_point"] is None:

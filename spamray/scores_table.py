@@ -45,7 +45,6 @@ IDENTITY = {"source_file": pa.string(), "source_size": pa.int64(), "source_versi
             "model_version": pa.string(), "run_id": pa.string()}
 PARTITIONS = {"input_key": pa.string(), "scoring": pa.string()}
 COMMIT_ATTEMPTS = 20
-OLD_FORMAT_MANIFEST = "_manifest.json"
 # A full vacuum deletes every file no version names, also those of a run still scoring (they are
 # named only when it commits): it is a maintenance step, never at less than this retention.
 MIN_FULL_VACUUM_HOURS = 24.0
@@ -265,11 +264,6 @@ class ScoresTable:
     def _refuse_other_content(self) -> None:
         if not self.fs.exists(self.path) or not self.fs.ls(self.path):
             return
-        if self.fs.exists(f"{self.path}/{OLD_FORMAT_MANIFEST}"):
-            raise FileExistsError(
-                f"{self.url} holds scores in spamray's earlier folder format ({OLD_FORMAT_MANIFEST}); scores are now "
-                "a Delta Lake table. Score into a new --output (the old folder's Parquet files stay readable with "
-                "pandas or pyarrow), or move the old folder away and run again to rescore everything.")
         raise FileExistsError(f"{self.url} exists and is not a Delta table; choose another --output")
 
     # -- creating ---------------------------------------------------------------------------

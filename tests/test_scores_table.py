@@ -289,15 +289,15 @@ def test_two_labels_that_would_share_a_probability_column_are_refused():
         TextClassifier(spamray.load_gpt2("random", "gpt2-tiny"), ["Spam!", "spam"])
 
 
-def test_an_output_in_the_earlier_folder_format_says_what_to_do(model_url, tmp_path, capsys):
+def test_an_output_folder_that_is_not_a_delta_table_is_refused_and_left_alone(model_url, tmp_path, capsys):
     archive, out = tmp_path / "archive", tmp_path / "scores"
     archive.mkdir(), out.mkdir()
     pq.write_table(pa.table({"text": ["hi"]}), archive / "a.parquet")
-    (out / "_manifest.json").write_text(json.dumps({"format": "spamray-scores"}))
     pq.write_table(pa.table({"x": [1]}), out / "part-0.parquet")
     assert main(["score", "--model", model_url, "--input", str(archive), "--output", str(out), "--incremental"]) == 1
     error = capsys.readouterr().err
-    assert "earlier folder format" in error and "new --output" in error
+    assert "exists and is not a Delta table; choose another --output" in error
+    assert sorted(p.name for p in out.iterdir()) == ["part-0.parquet"]
 
 
 READ_AND_MAINTAIN = """

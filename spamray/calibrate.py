@@ -227,7 +227,7 @@ def add_paths(classifier: TextClassifier, data: str, replicas: dict[str, TextCla
     rates = {"fp32": path_rates(classifier, data, point.target_fpr)[0]}
     for path, replica in replicas.items():
         rates[path] = path_rates(replica, data, point.target_fpr)[0]
-        point.thresholds = {**(point.thresholds or {"fp32": point.threshold}), path: rates[path].threshold}
+        point.thresholds = {**point.thresholds, path: rates[path].threshold}
         point.heldout_false_positive_rates = {**point.heldout_false_positive_rates, path: rates[path].measured_rate}
     return operating_point_report(point, rates)
 

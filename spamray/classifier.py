@@ -239,8 +239,8 @@ class TextClassifier(nn.Module):
         if threshold is None:
             threshold = point.threshold_at(self.precision)
             if threshold is None:
-                raise ValueError(f"this classifier's threshold was chosen at fp32 only: run `spamray calibrate` "
-                                 f"again to choose one at {self.precision}, or compute in fp32")
+                raise ValueError(f"no threshold was chosen at {self.precision}: `spamray calibrate --precisions "
+                                 f"{self.precision}` chooses one, or compute in fp32")
         return np.where(probs[:, positive] >= threshold, positive, 1 - positive)
 
     def predict(self, texts: Sequence[str]) -> list[Prediction]:

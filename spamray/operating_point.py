@@ -8,7 +8,7 @@ threshold that spends a false-positive budget, and the rates at it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -78,12 +78,12 @@ class OperatingPoint:
     chosen_on: str
     messages: int  # legitimate messages it was chosen on
     false_positive_rate: float  # measured there, at fp32
-    heldout_false_positive_rates: dict[str, float] = field(default_factory=dict)
-    thresholds: dict[str, float] = field(default_factory=dict)  # precision -> its threshold, fp32's included
+    heldout_false_positive_rates: dict[str, float]
+    thresholds: dict[str, float]  # precision -> its threshold, fp32's included
 
     def threshold_at(self, precision: str) -> float | None:
         """The threshold a replica computing in `precision` labels with; None where none was chosen."""
-        return self.thresholds.get(precision, self.threshold if precision == "fp32" else None)
+        return self.thresholds.get(precision)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -116,11 +116,8 @@ def path_problem(path: str, operating_point: dict | None, exports: Mapping[str, 
 def threshold_problem(operating_point: dict | None, precision: str) -> str | None:
     """Why a classifier cannot label with `precision`'s probabilities, or None: its operating point
     has a threshold chosen on them."""
-    if not operating_point or precision == "fp32" or precision in (operating_point.get("thresholds") or {}):
+    if not operating_point or precision == "fp32" or precision in operating_point["thresholds"]:
         return None
-    if not operating_point.get("thresholds"):
-        return ("the classifier's threshold was chosen at fp32 only (calibrated by an older spamray); `spamray calibrate` "
-                "chooses one at every precision")
     return (f"no threshold was chosen at {precision} (`spamray calibrate --precisions {precision}` chooses one, "
             f"`spamray export` for the ONNX paths)")
 

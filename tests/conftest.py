@@ -19,6 +19,36 @@ from loopback_s3 import start_s3_endpoint
 
 TESTS = Path(__file__).parent
 
+# Fixtures that start Ray, Serve or a server process: a test that uses one is in the slow tier.
+SLOW_FIXTURES = {"ray_local", "s3_endpoint", "s3_place", "place", "loopback_head", "two_worker_cluster",
+                 "served"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES.intersection(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
+class StartsRayOrAProcess(AssertionError):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def fast_tests_start_no_ray_and_no_process(request, monkeypatch):
+    """The fast tier (`pytest -m "not slow"`) stays fast because none of its tests starts Ray or
+    another process: one that does fails here, naming the marker it needs."""
+    if request.node.get_closest_marker("slow"):
+        return
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise StartsRayOrAProcess(f"{request.node.nodeid} starts Ray or a process: mark it @pytest.mark.slow "
+                                  "(or use a fixture of the slow tier)")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+
 
 @pytest.fixture(scope="session")
 def sms_messages() -> list[str]:

@@ -14,6 +14,8 @@ import sys
 import termios
 import time
 
+import pytest
+
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 # A line of Ray's own: its C++ log format, its Python log format, or a line its workers forward.
 RAY_LINE = re.compile(r"\[\d{4}-\d\d-\d\d [\d:,]+ [DIWEF] \d+ \d+\] \S+:\d+:"
@@ -58,6 +60,7 @@ def run_on_a_terminal(args: list[str], timeout_s: float = 600) -> tuple[int, str
     return code, b"".join(chunks).decode("utf-8", "replace")
 
 
+@pytest.mark.slow
 def test_the_demo_on_a_terminal_shows_progress_bars_and_stays_short(tmp_path):
     code, output = run_on_a_terminal(["demo", "--preset", "gpt2-tiny", "--epochs", "1", "--workdir", str(tmp_path)])
     assert code == 0, output[-3000:]

@@ -48,13 +48,13 @@ def test_a_classifier_labels_at_bf16_only_with_a_threshold_chosen_at_bf16():
     bf16_units = frozenset({"avx512_bf16"})
     assert resolve_precision("auto", False, bf16_units, POINT).precision == "bf16"
     assert resolve_precision("auto", False, bf16_units, None).precision == "bf16"  # no threshold: argmax labels
-    older = {k: v for k, v in POINT.items() if k != "thresholds"}  # calibrated before thresholds per precision
-    choice = resolve_precision("auto", False, bf16_units, older)
-    assert choice.precision == "fp32" and "chosen at fp32 only" in choice.reason
-    with pytest.raises(ValueError, match="--precision bf16: .*chosen at fp32 only"):
-        resolve_precision("bf16", False, bf16_units, older)
-    assert resolve_precision("fp32", False, bf16_units, older).precision == "fp32"
-    point = OperatingPoint(**older)
+    fp32_only = {**POINT, "thresholds": {"fp32": 0.9}}  # calibrated with --precisions fp32
+    choice = resolve_precision("auto", False, bf16_units, fp32_only)
+    assert choice.precision == "fp32" and "no threshold was chosen at bf16" in choice.reason
+    with pytest.raises(ValueError, match="--precision bf16: .*no threshold was chosen at bf16"):
+        resolve_precision("bf16", False, bf16_units, fp32_only)
+    assert resolve_precision("fp32", False, bf16_units, fp32_only).precision == "fp32"
+    point = OperatingPoint(**fp32_only)
     assert point.threshold_at("fp32") == 0.9 and point.threshold_at("bf16") is None
     assert OperatingPoint(**POINT).threshold_at("bf16") == 0.91
 
@@ -101,7 +101,7 @@ def test_a_scoring_run_records_the_precision_it_ran_in_and_why(ray_local, calibr
 def test_a_precision_the_threshold_was_not_checked_at_is_refused_before_any_work(ray_local, calibrated, sms_messages,
                                                                                  tmp_path, capsys):
     classifier = TextClassifier.load(calibrated)
-    classifier.operating_point.thresholds = {}  # as an older spamray calibrated it
+    classifier.operating_point.thresholds = {"fp32": classifier.operating_point.threshold}  # `--precisions fp32`
     old = str(tmp_path / "old")
     classifier.save(old)
     archive = tmp_path / "archive"
@@ -109,8 +109,8 @@ def test_a_precision_the_threshold_was_not_checked_at_is_refused_before_any_work
     pq.write_table(pa.table({"text": sms_messages[:10]}), archive / "a.parquet")
     out = tmp_path / "scores"
     assert main(["score", "--model", old, "--input", str(archive), "--output", str(out), "--precision", "bf16"]) == 1
-    assert "chosen at fp32 only" in capsys.readouterr().err and not out.exists()
-    with pytest.raises(ValueError, match="chosen at fp32 only: run `spamray calibrate` again"):
+    assert "no threshold was chosen at bf16" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(ValueError, match="no threshold was chosen at bf16: `spamray calibrate --precisions bf16` chooses one"):
         at_precision(TextClassifier.load(old), "bf16").predict(["free entry"])
 
 

@@ -140,6 +140,7 @@ def score_killing_replicas(model_url, archive, out, tmp_path, once: bool):
     return run.returncode, stdout + stderr, kills
 
 
+@pytest.mark.slow
 def test_a_replica_killed_once_loses_nothing(model_url, mixed_archive, tmp_path):
     out = str(tmp_path / "scores")
     code, output, kills = score_killing_replicas(model_url, str(mixed_archive), out, tmp_path, once=True)
@@ -149,6 +150,7 @@ def test_a_replica_killed_once_loses_nothing(model_url, mixed_archive, tmp_path)
     assert unreferenced_files(out) == []
 
 
+@pytest.mark.slow
 def test_a_batch_that_kills_every_replica_fails_its_file_after_bounded_restarts(model_url, mixed_archive, tmp_path):
     # Ray Data restarts replicas and retries their batches without limit: without a bound this
     # run would never end.

@@ -274,6 +274,7 @@ def test_broken_empty_compressed_and_foreign_files_never_wedge_the_night(ray_loc
 
 @pytest.mark.parametrize("option, column", [("--keep", "status"), ("--keep", "label"), ("--keep", "p_spam"),
                                             ("--id-column", "source_row"), ("--keep", "run_id")])
+@pytest.mark.slow
 def test_an_input_column_named_like_an_output_column_is_refused_before_any_work(model_url, tmp_path, capsys, option, column):
     archive = tmp_path / "archive"
     archive.mkdir()
@@ -289,6 +290,7 @@ def test_two_labels_that_would_share_a_probability_column_are_refused():
         TextClassifier(spamray.load_gpt2("random", "gpt2-tiny"), ["Spam!", "spam"])
 
 
+@pytest.mark.slow
 def test_an_output_folder_that_is_not_a_delta_table_is_refused_and_left_alone(model_url, tmp_path, capsys):
     archive, out = tmp_path / "archive", tmp_path / "scores"
     archive.mkdir(), out.mkdir()

@@ -97,7 +97,7 @@ def test_a_classifier_saved_before_calibration_labels_as_before_and_multiclass_k
     assert old.version == record["weights"]["sha256"][:16]  # tables scored with it stay scored
     probs = np.array([[0.6, 0.4], [0.3, 0.7]], dtype=np.float32)
     assert old.label_ids(probs).tolist() == [0, 1]
-    old.operating_point = OperatingPoint("spam", 0.8, 0.005, "heldout_tune", 100, 0.0)
+    old.operating_point = OperatingPoint("spam", 0.8, 0.005, "heldout_tune", 100, 0.0, {}, {"fp32": 0.8})
     assert old.label_ids(probs).tolist() == [0, 0] and old.label_ids(probs, threshold=0.35).tolist() == [1, 1]
     three = TextClassifier.from_gpt2(spamray.load_gpt2("random", "gpt2-tiny"), ["a", "b", "c"])
     assert three.label_ids(np.array([[0.2, 0.5, 0.3]])).tolist() == [1]

@@ -10,6 +10,7 @@ import spamray
 from spamray.tokenizer import PAD_ID
 
 
+@pytest.mark.slow
 def test_encodes_like_gpt2_offline_with_an_empty_cache(tmp_path):
     # A fresh process, an empty tiktoken cache and every socket refused: the shipped BPE files suffice.
     script = textwrap.dedent("""

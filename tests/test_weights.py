@@ -91,6 +91,7 @@ def fetch(hub, hf_home, revision=COMMIT, offline=False) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_a_published_checkpoint_downloads_at_its_commit_into_the_hf_cache_and_verifies(hub, small_hf_checkpoint,
                                                                                       tmp_path):
     folder, _ = small_hf_checkpoint
@@ -113,6 +114,7 @@ def test_a_published_checkpoint_downloads_at_its_commit_into_the_hf_cache_and_ve
     assert fetch(hub, tmp_path / "hf") == got and blob.read_bytes() == (folder / "model.safetensors").read_bytes()
 
 
+@pytest.mark.slow
 def test_a_corrupted_download_is_refused_and_not_kept(hub, small_hf_checkpoint, tmp_path):
     folder, _ = small_hf_checkpoint
     good = (folder / "model.safetensors").read_bytes()
@@ -123,6 +125,7 @@ def test_a_corrupted_download_is_refused_and_not_kept(hub, small_hf_checkpoint, 
     assert [blob.name for blob in blobs.iterdir() if len(blob.name) == 64] == []  # the bad one is gone
 
 
+@pytest.mark.slow
 def test_a_missing_revision_and_no_network_say_what_to_do(hub, tmp_path):
     missing = "f" * 40
     assert f"has no revision '{missing}' on the hub" in fetch(hub, tmp_path / "hf", revision=missing)["error"]

@@ -47,7 +47,7 @@ from spamray.calibrate import at_precision, calibrate  # noqa: E402
 from spamray.operating_point import threshold_for_fpr  # noqa: E402
 from spamray.precision import BF16_CPU_FLAGS, cpu_flags  # noqa: E402
 from spamray.prepare import read_prepared_labels, split_url  # noqa: E402
-from spamray.train import TokenizeAndPad, training_steps  # noqa: E402
+from spamray.train_steps import TokenizeAndPad, training_steps  # noqa: E402
 
 BAR = {"speed": 1.5, "agreement": 0.995, "recall_points": 0.01}
 

@@ -17,7 +17,8 @@ from conftest import SPAMRAY, spamray_process
 from spamray import TextClassifier
 from spamray.cli import main
 from spamray.config import TrainConfig
-from spamray.train import DataStalled, TokenizeAndPad, arriving_within, train
+from spamray.train import train
+from spamray.train_steps import DataStalled, TokenizeAndPad, arriving_within
 
 
 def tiny_config(tmp_path, prepared, **overrides):

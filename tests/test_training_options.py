@@ -14,7 +14,8 @@ import spamray
 from spamray import TextClassifier
 from spamray.cli import main
 from spamray.config import TrainConfig
-from spamray.train import TokenizeAndPad, build_classifier, training_steps
+from spamray.train import build_classifier
+from spamray.train_steps import TokenizeAndPad, training_steps
 
 TEXTS = ["WINNER!! claim your free prize now, call 09061701461", "ok see you at 5",
          "Free entry to win a cash prize, text WIN to 80086 now", "sorry, I'll call later"]

@@ -20,7 +20,7 @@ from loopback_s3 import start_s3_endpoint
 TESTS = Path(__file__).parent
 
 # Fixtures that start Ray, Serve or a server process: a test that uses one is in the slow tier.
-SLOW_FIXTURES = {"ray_local", "s3_endpoint", "s3_place", "place", "loopback_head", "two_worker_cluster",
+SLOW_FIXTURES = {"ray_local", "s3_endpoint", "s3_place", "place", "loopback_head", "two_worker_cluster", "shared_cluster",
                  "served"}
 
 

@@ -26,7 +26,8 @@ from .operating_point import OperatingPoint
 from .precision import PrecisionChoice, cluster_precision
 from .progress import Progress
 from .replica import Scorer, replica_cpu_reservation, replica_threads, tokenize_batch
-from .scores_table import IDENTITY, PARTITIONS, ScoresTable, TableState, plan_inputs, table_schema
+from .scores_layout import IDENTITY, PARTITIONS, TableState, plan_inputs, table_schema
+from .scores_table import ScoresTable
 
 logger = logging.getLogger(__name__)
 # Ray Data gathers a replica's output into blocks of up to this size before they move on to the
@@ -179,7 +180,7 @@ class Run:
     to_score: list[InputFile]
     rows_to_score: int | None  # None when a CSV among them has not been counted
     footer_rows: dict[str, int | None]  # each input's rows as its Parquet footer says (None: CSV)
-    mode: str  # see scores_table.RunOutput
+    mode: str  # see scores_layout.RunOutput
     model_version: str  # what the table records: the classifier's version, and a --threshold given
     classifier_version: str  # what every replica must load
     operating_point: dict | None  # the classifier's, unless --threshold replaces it

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from . import storage
 from .errors import SpamrayError
 from .inputs import InputFile, input_version
-from .scores_table import WrittenFile
+from .scores_layout import WrittenFile
 
 
 class AuditFailed(SpamrayError, RuntimeError):

@@ -28,8 +28,8 @@ from ray.data.block import Block
 from .errors import last_line
 from .inputs import InputFile
 from .scores_audit import Audit, AuditFailed, audit_written
-from .scores_table import (CommitResult, RunOutput, ScoresTable, TableError, TableState, partition_folder,
-                           partition_values, table_schema)
+from .scores_layout import CommitResult, RunOutput, TableState, partition_folder, partition_values, table_schema
+from .scores_table import ScoresTable, TableError
 from .table_files import write_data_files, write_file, written_files
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from . import storage
 from .inputs import InputFile
-from .scores_table import IDENTITY, WrittenFile, partition_folder, partition_values
+from .scores_layout import IDENTITY, WrittenFile, partition_folder, partition_values
 from .table_stats import file_stats
 
 # What a writer task returns: a row per data file written, or per input that failed in the batch.

@@ -20,7 +20,8 @@ from spamray.inputs import InputFile, list_input_files
 from spamray.replica import Scorer, tokenize_batch
 from spamray.score import score
 from spamray.scores_audit import audit_written
-from spamray.scores_table import ScoresTable, WrittenFile, input_key, scoring_digest
+from spamray.scores_layout import WrittenFile, input_key, scoring_digest
+from spamray.scores_table import ScoresTable
 from conftest import SPAMRAY, spamray_process
 
 

@@ -23,8 +23,9 @@ from spamray.cli import main
 from spamray.config import ScoreConfig
 from spamray.inputs import InputFile, read_chunks
 from spamray.score import score
-from spamray.scores_table import (CommitPlan, RunOutput, ScoredInput, ScoresTable, TableState, WrittenFile, input_key,
-                                  plan_commit, scoring_digest)
+from spamray.scores_layout import (CommitPlan, RunOutput, ScoredInput, TableState, WrittenFile, input_key, plan_commit,
+                                   scoring_digest)
+from spamray.scores_table import ScoresTable
 from spamray.table_files import write_data_files
 
 

@@ -23,7 +23,8 @@ import spamray.scores_table
 from spamray.cli import main
 from spamray.config import ScoreConfig
 from spamray.score import score
-from spamray.scores_table import ScoresTable, input_key
+from spamray.scores_layout import input_key
+from spamray.scores_table import ScoresTable
 from test_scores_table import assert_every_row_once, live_files, put_bytes, table_files, write_parquet
 
 SCORES_TABLE_DOC = Path(__file__).resolve().parents[1] / "docs" / "scores-table.md"

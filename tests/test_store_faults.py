@@ -35,7 +35,8 @@ from spamray.config import ScoreConfig
 from spamray.errors import SpamrayError
 from spamray.inputs import list_input_files
 from spamray.score import score
-from spamray.scores_table import CommitUnknown, ScoresTable, is_scored
+from spamray.scores_layout import is_scored
+from spamray.scores_table import CommitUnknown, ScoresTable
 
 SOAK = int(os.environ.get("SPAMRAY_FAULT_SOAK", "0"))
 RANDOM_SCHEDULES = SOAK or 4  # per place, in the suite

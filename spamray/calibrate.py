@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -21,7 +21,8 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 from sklearn.metrics import log_loss
 
-from .classifier import TextClassifier, softmax
+from .calibration import Calibration, softmax
+from .classifier import TextClassifier
 from .onnx_graphs import ONNX_PATHS
 from .onnx_graphs import export_problems as onnx_export_problems
 from .operating_point import OperatingPoint, threshold_for_fpr
@@ -118,26 +119,23 @@ def check_prior(prior: float | None, labels: list[str]) -> None:
 
 def calibrate(classifier: TextClassifier, data: str, target_fpr: float | None, prior: float | None = None,
               precisions: list[str] | None = None) -> dict:
-    """Sets `classifier.temperature` (and its prior) and, for two labels with held-out data and a
-    target, its operating point, with a threshold on each of `precisions` (`calibration_paths`);
-    returns what was fitted and measured."""
+    """Sets the classifier's calibration: its temperature (and its prior) and, for two labels with
+    held-out data and a target, its operating point, with a threshold on each of `precisions`
+    (`calibration_paths`); returns what was fitted and measured."""
     check_prior(prior, classifier.labels)
-    if len(classifier.labels) == 2:
-        classifier.positive = read_positive_label(data)
+    binary = len(classifier.labels) == 2
+    positive = read_positive_label(data) if binary else classifier.positive
     logits, labels = split_logits(classifier, data, "validation")
-    classifier.temperature = fit_temperature(logits, labels)
-    report = {"temperature": classifier.temperature,
-              "validation": calibration_report(logits, labels, classifier.temperature)}
+    temperature = fit_temperature(logits, labels)
+    share = float(np.mean(labels == classifier.labels.index(positive))) if binary else None
+    classifier.set_calibration(Calibration(positive, temperature, share, prior if binary else None))
+    report = {"temperature": temperature, "validation": calibration_report(logits, labels, temperature)}
     logger.info(f"calibration: temperature {classifier.temperature:.3f} on the validation split (log loss "
                 f"{report['validation']['log_loss_before']:.4f} -> {report['validation']['log_loss_after']:.4f}, ECE "
                 f"{report['validation']['ece_before']:.4f} -> {report['validation']['ece_after']:.4f})")
-    classifier.calibrated_share, classifier.prior = None, None
-    if len(classifier.labels) == 2:
-        classifier.calibrated_share = float(np.mean(labels == classifier.labels.index(classifier.positive)))
-        classifier.prior = prior
-        report.update(calibrated_share=classifier.calibrated_share, prior=prior)
+    if binary:
+        report.update(calibrated_share=share, prior=prior)
         logger.info(probabilities_meaning(classifier))
-    classifier.operating_point = None
     if target_fpr is None or len(classifier.labels) != 2:
         return report
     if not (has_split(data, "heldout_tune") and has_split(data, "heldout_test")):
@@ -212,12 +210,13 @@ def choose_operating_point(classifier: TextClassifier, data: str, target_fpr: fl
     for path, replica in replicas.items():
         rates[path], messages = path_rates(replica, data, target_fpr)
     fp32 = rates["fp32"]
-    classifier.operating_point = OperatingPoint(
+    point = OperatingPoint(
         positive=classifier.positive, threshold=fp32.threshold, target_fpr=target_fpr, chosen_on="heldout_tune",
         messages=messages, false_positive_rate=fp32.chosen_rate,
         heldout_false_positive_rates={path: r.measured_rate for path, r in rates.items()},
         thresholds={path: r.threshold for path, r in rates.items()})
-    return operating_point_report(classifier.operating_point, rates)
+    classifier.set_calibration(replace(classifier.calibration, operating_point=point))
+    return operating_point_report(point, rates)
 
 
 def add_paths(classifier: TextClassifier, data: str, replicas: dict[str, TextClassifier]) -> dict:
@@ -227,8 +226,11 @@ def add_paths(classifier: TextClassifier, data: str, replicas: dict[str, TextCla
     rates = {"fp32": path_rates(classifier, data, point.target_fpr)[0]}
     for path, replica in replicas.items():
         rates[path] = path_rates(replica, data, point.target_fpr)[0]
-        point.thresholds = {**point.thresholds, path: rates[path].threshold}
-        point.heldout_false_positive_rates = {**point.heldout_false_positive_rates, path: rates[path].measured_rate}
+    added = [path for path in rates if path != "fp32"]
+    point = replace(point, thresholds={**point.thresholds, **{path: rates[path].threshold for path in added}},
+                    heldout_false_positive_rates={**point.heldout_false_positive_rates,
+                                                  **{path: rates[path].measured_rate for path in added}})
+    classifier.set_calibration(replace(classifier.calibration, operating_point=point))
     return operating_point_report(point, rates)
 
 

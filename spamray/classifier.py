@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import saved
+from .calibration import Calibration
 from .lora import add_lora, merge_lora
 from .model import GPTConfig, GPTModel
 from .onnx_graphs import ONNX_PATHS, OnnxExports, OnnxLogits, load_graph
@@ -81,15 +82,8 @@ class TextClassifier(nn.Module):
         self.pad_to = pad_to
         self.metrics: dict = {}
         self.trainable = "all"
-        self.temperature = 1.0  # probabilities are softmax(logits / temperature): see calibrate()
-        self.operating_point: OperatingPoint | None = None  # None: the most probable label wins
-        # The class a binary classifier flags (what a threshold applies to); the prepared data's
-        # choice once trained (spamray.prepare.positive_label).
-        self.positive: str | None = default_positive(labels)
-        # The positive class's share in the messages the probabilities are calibrated for (the
-        # validation split's), and the share of real traffic they are shifted to (calibrate --prior).
-        self.calibrated_share: float | None = None
-        self.prior: float | None = None
+        # Uncalibrated until `spamray calibrate` sets it: temperature 1, no operating point.
+        self.calibration = Calibration(positive=default_positive(labels))
         self.precision = "fp32"
         self.onnx: OnnxLogits | None = None  # the ONNX Runtime session of an ONNX path
         # Where a loaded classifier came from, and the ONNX graphs its folder carries (spamray.onnx_graphs).
@@ -217,31 +211,39 @@ class TextClassifier(nn.Module):
         """Class probabilities [N, num_labels] of token id lists (see `probabilities`)."""
         return self.probabilities(self.logits_token_ids(batch, max_batch_tokens, max_batch_rows))
 
+    # -- calibration (spamray.calibration) ---------------------------------------------------
+    def set_calibration(self, calibration: Calibration) -> None:
+        """Replaces the whole calibration at once (`spamray calibrate` makes it)."""
+        calibration.check_labels(self.labels)
+        self.calibration = calibration
+
+    @property
+    def temperature(self) -> float:
+        return self.calibration.temperature
+
+    @property
+    def positive(self) -> str | None:
+        return self.calibration.positive
+
+    @property
+    def operating_point(self) -> OperatingPoint | None:
+        return self.calibration.operating_point
+
+    @property
+    def calibrated_share(self) -> float | None:
+        return self.calibration.calibrated_share
+
+    @property
+    def prior(self) -> float | None:
+        return self.calibration.prior
+
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        """Calibrated class probabilities (float32, as the scores table stores them and the
-        threshold is chosen on): softmax of logits / temperature, the positive class's log-odds
-        shifted from the calibration mix to `prior` where one is set."""
-        scaled = np.asarray(logits, dtype=np.float64) / self.temperature
-        if self.prior is not None:
-            scaled[:, self.labels.index(self.positive)] += prior_shift(self.calibrated_share, self.prior)
-        return softmax(scaled).astype(np.float32)
+        """Calibrated class probabilities (see Calibration.probabilities)."""
+        return self.calibration.probabilities(logits, self.labels)
 
     def label_ids(self, probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
-        """Each row's label: with an operating point (binary classifiers), the positive label where
-        its probability reaches the threshold chosen at this classifier's precision (`threshold`
-        overrides it), else the other; without one, the most probable label."""
-        point = self.operating_point
-        if point is None and threshold is None:
-            return probs.argmax(axis=1)
-        if len(self.labels) != 2:
-            raise ValueError(f"a threshold applies to a classifier of two labels, not {len(self.labels)}")
-        positive = self.labels.index(point.positive if point else self.positive)
-        if threshold is None:
-            threshold = point.threshold_at(self.precision)
-            if threshold is None:
-                raise ValueError(f"no threshold was chosen at {self.precision}: `spamray calibrate --precisions "
-                                 f"{self.precision}` chooses one, or compute in fp32")
-        return np.where(probs[:, positive] >= threshold, positive, 1 - positive)
+        """Each row's label at this classifier's precision (see Calibration.label_ids)."""
+        return self.calibration.label_ids(probs, self.labels, self.precision, threshold)
 
     def predict(self, texts: Sequence[str]) -> list[Prediction]:
         """Label and class probabilities for each text (texts longer than max_length are truncated)."""
@@ -272,11 +274,7 @@ class TextClassifier(nn.Module):
             "pad_to": self.pad_to,
             "trainable": self.trainable,
             "metrics": self.metrics,
-            "temperature": self.temperature,
-            "operating_point": self.operating_point.to_dict() if self.operating_point else None,
-            "positive_label": self.positive,
-            "calibrated_share": self.calibrated_share,
-            "prior": self.prior,
+            **self.calibration.to_metadata(),
             "onnx": self.exports.to_dict() if self.exports else None,
         }
         saved.write_saved(url, metadata, self.state_dict(), overwrite=overwrite, extra_files=extra_files)
@@ -299,12 +297,7 @@ class TextClassifier(nn.Module):
         classifier.load_state_dict(tensors, strict=True, assign=True)
         classifier.metrics = metadata.get("metrics", {})
         classifier.trainable = metadata.get("trainable", "all")
-        # Uncalibrated: temperature 1 and no operating point, so the most probable label wins.
-        classifier.temperature = float(metadata.get("temperature") or 1.0)
-        point = metadata.get("operating_point")
-        classifier.operating_point = OperatingPoint(**point) if point else None
-        classifier.positive = metadata.get("positive_label") or (point or {}).get("positive") or classifier.positive
-        classifier.calibrated_share, classifier.prior = metadata.get("calibrated_share"), metadata.get("prior")
+        classifier.set_calibration(Calibration.from_metadata(metadata))
         classifier.version = saved.model_version(metadata)
         classifier.source, classifier.saved_metadata = url, metadata
         classifier.exports = OnnxExports.from_dict(metadata["onnx"]) if metadata.get("onnx") else None
@@ -328,21 +321,6 @@ class TextClassifier(nn.Module):
             digest.update(name.encode())
             digest.update(tensor.detach().float().cpu().numpy().tobytes())
         return digest.hexdigest()[:16]
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Rows of class probabilities (float64) from rows of logits."""
-    scaled = np.asarray(logits, dtype=np.float64) / temperature
-    scaled = scaled - scaled.max(axis=1, keepdims=True)
-    exp = np.exp(scaled)
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
-def prior_shift(calibrated_share: float, prior: float) -> float:
-    """What Bayes' rule adds to the positive class's log-odds when its share of the messages
-    moves from `calibrated_share` (where the probabilities were calibrated) to `prior`."""
-    log_odds = lambda share: float(np.log(share) - np.log1p(-share))  # noqa: E731
-    return log_odds(prior) - log_odds(calibrated_share)
 
 
 def length_buckets(lengths: Sequence[int], max_batch_tokens: int, max_batch_rows: int) -> Iterator[np.ndarray]:

@@ -24,6 +24,7 @@ import torch
 
 from . import storage
 from .calibrate import calibrate, check_calibration_data
+from .calibration import Calibration
 from .classifier import TextClassifier
 from .config import TrainConfig
 from .driver_actors import ProgressBoard, start_beside_driver
@@ -292,8 +293,7 @@ def calibrate_and_save(classifier: TextClassifier, cfg: TrainConfig, record: dic
     try:
         calibration = calibrate(classifier, cfg.data, cfg.target_fpr, cfg.prior)
     except Exception as error:
-        classifier.temperature, classifier.operating_point = 1.0, None
-        classifier.calibrated_share = classifier.prior = None
+        classifier.set_calibration(Calibration(positive=classifier.positive))
         classifier.metrics = {**record, "calibration": {"failed": f"{type(error).__name__}: {error}"}}
         classifier.save(cfg.output, overwrite=cfg.overwrite, extra_files=extra_files)
         logger.error(f"training finished but calibration failed; the trained classifier is saved UNCALIBRATED to "

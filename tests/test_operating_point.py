@@ -6,7 +6,7 @@ import pytest
 from sklearn import metrics
 
 from spamray.calibrate import calibration_report, expected_calibration_error, fit_temperature
-from spamray.classifier import prior_shift, softmax
+from spamray.calibration import prior_shift, softmax
 from spamray.operating_point import rates_at, recall_at_fpr, threshold_for_fpr
 
 
@@ -83,3 +83,26 @@ def test_the_prior_shift_is_bayes_rule_on_the_odds():
     moved = softmax(np.array([[0.0, np.log(p / (1 - p))]]) + [0.0, prior_shift(share, prior)])
     assert moved[0, 1] == pytest.approx(odds / (1 + odds))
     assert prior_shift(0.3, 0.3) == 0.0
+
+
+def test_a_classifier_takes_its_calibration_whole_and_keeps_it_through_save_and_load(tmp_path):
+    import spamray
+    from spamray import TextClassifier
+    from spamray.calibration import Calibration
+    from spamray.operating_point import OperatingPoint
+
+    classifier = TextClassifier.from_gpt2(spamray.load_gpt2("random", "gpt2-tiny"), ["ham", "spam"])
+    point = OperatingPoint("spam", 0.9, 0.005, "heldout_tune", 100, 0.0, {"fp32": 0.0}, {"fp32": 0.9})
+    calibration = Calibration("spam", temperature=1.7, calibrated_share=0.5, prior=0.1, operating_point=point)
+    classifier.set_calibration(calibration)
+    with pytest.raises(AttributeError):
+        classifier.temperature = 2.0  # set through set_calibration only, never field by field
+    with pytest.raises(ValueError, match=r"positive class \['phishing'\] is not one of the labels"):
+        classifier.set_calibration(Calibration("phishing"))
+    with pytest.raises(ValueError, match="a prior shifts probabilities from the calibrated share"):
+        Calibration("spam", prior=0.1)
+    classifier.save(str(tmp_path / "model"))
+    loaded = TextClassifier.load(str(tmp_path / "model"))
+    assert loaded.calibration == calibration
+    logits = np.array([[0.3, 1.2], [2.0, -1.0]])
+    np.testing.assert_array_equal(loaded.probabilities(logits), classifier.probabilities(logits))

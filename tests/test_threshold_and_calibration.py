@@ -3,6 +3,7 @@ calibrate verb, the saved classifier, evaluate's figures and curves, and scoring
 (Named to run after the multi-node tests: its in-process Ray would slow their clusters.)"""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -85,19 +86,18 @@ def test_scoring_labels_by_the_operating_point_or_a_given_threshold(ray_local, t
     assert commit_record(out, again.table_version)["threshold"] == 0.5
 
 
-def test_a_classifier_saved_before_calibration_labels_as_before_and_multiclass_keeps_argmax(tmp_path):
+def test_an_uncalibrated_classifier_labels_by_argmax_until_it_has_an_operating_point_and_multiclass_keeps_argmax(
+        tmp_path):
     torch.manual_seed(1)
     binary = TextClassifier.from_gpt2(spamray.load_gpt2("random", "gpt2-tiny"), ["not spam", "spam"])
     binary.save(str(tmp_path / "old"))
     record = json.loads((tmp_path / "old" / "spamray.json").read_text())
-    for key in ("temperature", "operating_point"):  # what a spamray from before wrote
-        record.pop(key)
-    (tmp_path / "old" / "spamray.json").write_text(json.dumps(record))
     old = TextClassifier.load(str(tmp_path / "old"))
     assert old.version == record["weights"]["sha256"][:16]  # tables scored with it stay scored
     probs = np.array([[0.6, 0.4], [0.3, 0.7]], dtype=np.float32)
     assert old.label_ids(probs).tolist() == [0, 1]
-    old.operating_point = OperatingPoint("spam", 0.8, 0.005, "heldout_tune", 100, 0.0, {}, {"fp32": 0.8})
+    old.set_calibration(replace(old.calibration, operating_point=OperatingPoint("spam", 0.8, 0.005, "heldout_tune", 100,
+                                                                                0.0, {}, {"fp32": 0.8})))
     assert old.label_ids(probs).tolist() == [0, 0] and old.label_ids(probs, threshold=0.35).tolist() == [1, 1]
     three = TextClassifier.from_gpt2(spamray.load_gpt2("random", "gpt2-tiny"), ["a", "b", "c"])
     assert three.label_ids(np.array([[0.2, 0.5, 0.3]])).tolist() == [1]

@@ -16,6 +16,7 @@ import spamray.tokenizer
 from conftest import SPAMRAY, spamray_process
 from spamray import TextClassifier
 from spamray.cli import main
+from spamray.calibration import Calibration
 from spamray.config import TrainConfig
 from spamray.train import train
 from spamray.train_steps import DataStalled, TokenizeAndPad, arriving_within
@@ -186,7 +187,7 @@ def test_a_calibration_that_fails_after_training_loses_no_model(prepared_sms, tm
     monkeypatch.setattr(spamray.train, "calibrate", broken_calibration)
     torch.manual_seed(0)
     classifier = TextClassifier.from_gpt2(spamray.load_gpt2("random", "gpt2-tiny"), ["not spam", "spam"]).eval()
-    classifier.temperature = 3.0  # as if calibration had got half way
+    classifier.set_calibration(Calibration("spam", temperature=3.0))  # as if calibration had got half way
     cfg = tiny_config(tmp_path, prepared_sms)
     with pytest.raises(OSError, match="unreachable"):
         spamray.train.calibrate_and_save(classifier, cfg, {"history": {}}, {"loss.png": b"png"})

@@ -150,8 +150,11 @@ class ThreadProbe:
 
     def __call__(self, batch: dict) -> dict:
         onnx = self.scorer.classifier.onnx
+        options = onnx.session.get_session_options() if onnx else None
         return {"torch_threads": np.full(len(batch["id"]), torch.get_num_threads()),
-                "onnx_threads": np.full(len(batch["id"]), onnx.threads if onnx else 0)}
+                "onnx_threads": np.full(len(batch["id"]), options.intra_op_num_threads if onnx else 0),
+                "onnx_spinning": np.full(len(batch["id"]), options.get_session_config_entry(
+                    "session.intra_op.allow_spinning") if onnx else "")}
 
 
 def test_a_replica_computes_on_as_many_threads_as_it_reserved(ray_local, exported):
@@ -170,3 +173,5 @@ def test_a_replica_computes_on_as_many_threads_as_it_reserved(ray_local, exporte
                 .take_all())
         assert {row["torch_threads"] for row in rows} == {threads}
         assert {row["onnx_threads"] for row in rows} == ({threads} if precision == "onnx-int8" else {0})
+        # (its threads sleep between parallel regions: the node's other work needs the cores)
+        assert {row["onnx_spinning"] for row in rows} == ({"0"} if precision == "onnx-int8" else {""})

@@ -104,12 +104,13 @@ class TextClassifier(nn.Module):
     def cfg(self) -> GPTConfig:
         return self.gpt.cfg
 
-    def set_precision(self, precision: str, threads: int | None = None) -> "TextClassifier":
+    def set_precision(self, precision: str, threads: int | None = None, shares_cores: bool = False) -> "TextClassifier":
         """The path it scores with (spamray.precision): fp32; bf16 for the transformer (half the
         memory traffic, tensor cores) while the final LayerNorm and the head stay fp32, so the logits,
         and the decision at a threshold, come out of fp32 arithmetic on the bf16 hidden states; or an
         ONNX graph its saved folder carries, run by ONNX Runtime on `threads` threads (torch's by
-        default). bf16 rounds the weights: going back to fp32 does not restore them (use a copy)."""
+        default; `shares_cores` in a replica, see OnnxLogits). bf16 rounds the weights: going back to
+        fp32 does not restore them (use a copy)."""
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         self.onnx = None
@@ -117,7 +118,8 @@ class TextClassifier(nn.Module):
             if self.source is None:
                 raise ValueError(f"{precision} runs the ONNX graph of a saved classifier: save it, run `spamray export "
                                  "MODEL DATA`, and load it again")
-            self.onnx = load_graph(self.source, self.saved_metadata, precision, threads or torch.get_num_threads())
+            self.onnx = load_graph(self.source, self.saved_metadata, precision, threads or torch.get_num_threads(),
+                                   shares_cores)
         self.gpt.to(torch.bfloat16 if precision == "bf16" else torch.float32)
         self.gpt.final_norm.float()
         self.gpt.out_head.float()

@@ -75,7 +75,7 @@ class Scorer:
         self.precision = resolve_precision(precision, on_gpu, operating_point=point and point.to_dict(),
                                            threshold_given=threshold is not None,
                                            exports=export_problems(self.classifier.saved_metadata))
-        self.classifier.set_precision(self.precision.precision, threads)
+        self.classifier.set_precision(self.precision.precision, threads, shares_cores=True)
         self.columns = [probability_column(label) for label in self.classifier.labels]
         self.model_name = model_name
         self.node = replica_node()

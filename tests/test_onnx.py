@@ -99,6 +99,17 @@ def test_a_broken_export_fails_the_parity_gate_and_its_path_is_refused(trained_e
     assert "failed the export's parity gate" in capsys.readouterr().err
 
 
+def test_onnx_threads_spin_in_process_and_sleep_in_a_replica(exported):
+    # A replica shares its cores with Ray and its neighbours; a process of its own does not.
+    from spamray.replica import Scorer
+
+    def spinning(classifier) -> str:
+        return classifier.onnx.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+
+    assert spinning(TextClassifier.load(exported).set_precision("onnx-int8", threads=2)) == "1"
+    assert spinning(Scorer(exported, threads=2, model_name="m", precision="onnx-int8").classifier) == "0"
+
+
 def test_a_tampered_or_stale_graph_is_refused_on_load(exported, tmp_path):
     tampered = tmp_path / "tampered"
     shutil.copytree(exported, tampered)

@@ -299,7 +299,10 @@ class TextClassifier(nn.Module):
         classifier.load_state_dict(tensors, strict=True, assign=True)
         classifier.metrics = metadata.get("metrics", {})
         classifier.trainable = metadata.get("trainable", "all")
-        classifier.set_calibration(Calibration.from_metadata(metadata))
+        try:
+            classifier.set_calibration(Calibration.from_metadata(metadata))
+        except (KeyError, TypeError, ValueError) as error:
+            raise saved.SavedClassifierError(f"{url}: {saved.METADATA_FILE} holds no valid calibration ({error})") from error
         classifier.version = saved.model_version(metadata)
         classifier.source, classifier.saved_metadata = url, metadata
         classifier.exports = OnnxExports.from_dict(metadata["onnx"]) if metadata.get("onnx") else None

@@ -1,6 +1,8 @@
 """The operating point's own code (the threshold for a false-positive budget, the rates at it),
 temperature scaling and the prior shift, checked against scikit-learn and plain arithmetic."""
 
+import json
+
 import numpy as np
 import pytest
 from sklearn import metrics
@@ -90,6 +92,7 @@ def test_a_classifier_takes_its_calibration_whole_and_keeps_it_through_save_and_
     from spamray import TextClassifier
     from spamray.calibration import Calibration
     from spamray.operating_point import OperatingPoint
+    from spamray.saved import SavedClassifierError
 
     classifier = TextClassifier.from_gpt2(spamray.load_gpt2("random", "gpt2-tiny"), ["ham", "spam"])
     point = OperatingPoint("spam", 0.9, 0.005, "heldout_tune", 100, 0.0, {"fp32": 0.0}, {"fp32": 0.9})
@@ -106,3 +109,8 @@ def test_a_classifier_takes_its_calibration_whole_and_keeps_it_through_save_and_
     assert loaded.calibration == calibration
     logits = np.array([[0.3, 1.2], [2.0, -1.0]])
     np.testing.assert_array_equal(loaded.probabilities(logits), classifier.probabilities(logits))
+    record = json.loads((tmp_path / "model" / "spamray.json").read_text())
+    del record["temperature"]
+    (tmp_path / "model" / "spamray.json").write_text(json.dumps(record))
+    with pytest.raises(SavedClassifierError, match="spamray.json holds no valid calibration .*temperature"):
+        TextClassifier.load(str(tmp_path / "model"))

@@ -12,9 +12,24 @@ Importing spamray does not import Ray: the core is plain PyTorch.
 
 __version__ = "0.1.0"
 
-from .classifier import Prediction, TextClassifier  # noqa: E402
-from .model import PRESETS, GPTConfig, GPTModel  # noqa: E402
-from .tokenizer import get_tokenizer  # noqa: E402
-from .weights import load_gpt2  # noqa: E402
+# Where each public name lives. They are imported on first use (PEP 562), so that a process that
+# needs only a light module (a Ray worker that reads files, the scoring turn's actor) does not
+# pay for importing torch.
+_PUBLIC = {"Prediction": "classifier", "TextClassifier": "classifier", "PRESETS": "model", "GPTConfig": "model",
+           "GPTModel": "model", "get_tokenizer": "tokenizer", "load_gpt2": "weights"}
 
-__all__ = ["GPTConfig", "GPTModel", "PRESETS", "Prediction", "TextClassifier", "get_tokenizer", "load_gpt2", "__version__"]
+__all__ = [*_PUBLIC, "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'spamray' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])

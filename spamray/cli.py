@@ -10,7 +10,7 @@ import typing
 from collections.abc import Callable, Sequence
 
 from .config import (CalibrateConfig, ClassifyConfig, DemoConfig, EvaluateConfig, ExportConfig, PrepareConfig,
-                     ScoreConfig, ServeConfig, TrainConfig, VacuumConfig)
+                     ReportConfig, ScoreConfig, ServeConfig, TrainConfig, VacuumConfig)
 from .errors import USER_ERRORS
 from .ray_runtime import setup_logging, start_ray
 
@@ -146,12 +146,32 @@ def run_vacuum(cfg: VacuumConfig) -> None:
     print(f"vacuum of {table.url}: deleted {len(deleted)} files that no version names, older than {cfg.retention_hours:g} h")
 
 
+def run_report(cfg: ReportConfig) -> int:
+    from .report import AlertLimits, format_report, parse_since, report
+
+    result = report(cfg.table, parse_since(cfg.since) if cfg.since else None, cfg.last, cfg.reference)
+    print(format_report(result))
+    if cfg.out:
+        from .report_output import write_report
+
+        for url in write_report(result, cfg.out, cfg.html):
+            print(f"wrote {url}")
+    alerts = result.alerts(AlertLimits(cfg.max_psi, cfg.max_failed_files, cfg.max_share_change))
+    for alert in alerts:
+        print(f"spamray report: ALERT {alert}", file=sys.stderr)
+    return ALERT_EXIT if alerts else 0
+
+
 def run_demo(cfg: DemoConfig) -> None:
     from .demo import demo
 
     start_ray()
     demo(cfg)
 
+
+# `spamray report`'s exit status when a run passes a limit: apart from 1 (an error) and 2 (bad
+# options), so that a scheduled job can tell an alert from a failure.
+ALERT_EXIT = 3
 
 # Each verb's function returns its exit status (None means 0).
 VERBS: dict[str, tuple[type, Callable, str]] = {
@@ -169,6 +189,9 @@ VERBS: dict[str, tuple[type, Callable, str]] = {
               "(POST /classify, GET /healthz, GET /model), requests batched, or write its Serve config file"),
     "vacuum": (VacuumConfig, run_vacuum, "maintenance of a scores table: delete the files no version names (killed "
                "runs', replaced ones) once older than --retention-hours"),
+    "report": (ReportConfig, run_report, "what the filter did, run by run, from a scores table: volume, failures, "
+               "spam share, score drift (PSI), model, precision and threshold; JSON, plots and an HTML page with "
+               "--out; exit 3 past an alert limit"),
     "demo": (DemoConfig, run_demo, "offline end to end: prepare, train a small GPT-2 from random weights, "
              "evaluate, score"),
 }

@@ -195,6 +195,31 @@ class VacuumConfig:
 
 
 @dataclass
+class ReportConfig:
+    table: str = required("the scores table (Delta Lake): a path or URL", positional=True)
+    out: str | None = option(None, "folder or URL for report.json, nights.png and scores.png (and report.html "
+                             "with --html)")
+    html: bool = option(False, "also write report.html: one static page with the table and the plots inline")
+    since: str | None = option(None, "only runs committed at or after this ISO date or time (UTC unless it says)")
+    last: int | None = option(None, "only the last N runs (after --since)")
+    reference: str | None = option(None, "the run id drift is measured against (default: the table's first run)")
+    max_psi: float | None = option(None, "exit 3 when a reported run's PSI against the reference exceeds this "
+                                   "(0.25 is the usual line for a shift)")
+    max_failed_files: int | None = option(None, "exit 3 when a reported run has more failed files than this")
+    max_share_change: float | None = option(None, "exit 3 when a reported run's spam share differs from the "
+                                            "reference's by more than this (0.05: five points)")
+
+    def __post_init__(self):
+        if self.last is not None and self.last < 1:
+            raise ValueError(f"--last {self.last}: give a number of runs, at least 1")
+        if self.html and self.out is None:
+            raise ValueError("--html writes report.html into --out: give --out DIR")
+        for name in ("max_psi", "max_failed_files", "max_share_change"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: a limit is not negative")
+
+
+@dataclass
 class DemoConfig:
     workdir: str = option("runs/demo", "folder for the prepared data, the model and the predictions")
     preset: str = option("gpt2-mini", "architecture trained from random weights (no download needed)")

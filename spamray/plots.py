@@ -1,4 +1,6 @@
-"""The book's two training plots: loss and accuracy against epochs, examples seen on a second axis."""
+"""spamray's plots as PNG bytes: the book's two training plots (loss and accuracy against epochs,
+examples seen on a second axis), evaluation's curves, and the nightly report's volume, spam share
+and score histograms."""
 
 from __future__ import annotations
 
@@ -9,6 +11,17 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on a cluster node
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+
+MAX_TICKS = 12
+
+
+def png(figure) -> bytes:
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()
 
 
 def plot_values(epochs: int, examples_seen: int, train_values: list[float], val_values: list[float], label: str) -> bytes:
@@ -22,11 +35,7 @@ def plot_values(epochs: int, examples_seen: int, train_values: list[float], val_
     examples_axis = epochs_axis.twiny()  # the same points, read as examples seen
     examples_axis.plot(np.linspace(0, examples_seen, len(train_values)), train_values, alpha=0)
     examples_axis.set_xlabel("Examples seen")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return buffer.getvalue()
+    return png(figure)
 
 
 def plot_history(history: dict, epochs: int, examples_seen: int) -> dict[str, bytes]:
@@ -50,8 +59,38 @@ def plot_curve(x: np.ndarray, y: np.ndarray, x_label: str, y_label: str, title: 
     axis.set_title(title)
     axis.set_xlim(-0.01, 1.01)
     axis.set_ylim(-0.01, 1.01)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return buffer.getvalue()
+    return png(figure)
+
+
+def plot_nights(moments: list, rows: list[int], shares: list[float | None], failed: list[int], positive: str) -> bytes:
+    """Volume (bars, runs with failed files in red) and the positive class's share, a slot per run
+    in commit order, labelled with its commit time (at most MAX_TICKS labels)."""
+    slots = np.arange(len(moments))
+    figure, (volume, share) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    volume.bar(slots, rows, width=0.8, color=["crimson" if n else "steelblue" for n in failed])
+    volume.set_ylabel("rows scored")
+    volume.set_title("each run: volume (red: some files failed) and share labelled " + positive)
+    share.plot(slots, [np.nan if s is None else 100 * s for s in shares], "o-", color="darkorange",
+               markersize=4 if len(slots) < 60 else 0)
+    share.set_ylabel(f"{positive} share (%)")
+    share.set_ylim(bottom=0)
+    ticks = slots[::max(1, -(-len(slots) // MAX_TICKS))]
+    share.set_xticks(ticks, [f"{moments[i]:%m-%d %H:%M}" for i in ticks], rotation=30, ha="right")
+    return png(figure)
+
+
+def plot_histograms(current: list[float], reference: list[float], current_name: str, reference_name: str,
+                    positive: str, psi: float | None) -> bytes:
+    """A run's positive-class probabilities over its reference's, as shares of equal bins."""
+    figure, axis = plt.subplots(figsize=(8, 3.5))
+    edges = np.linspace(0, 1, len(reference) + 1)
+    axis.bar(edges[:-1], reference, width=edges[1] - edges[0], align="edge", color="lightgray",
+             edgecolor="gray", label=f"reference {reference_name}")
+    if current:
+        axis.stairs(current, edges, color="crimson", linewidth=2, label=current_name)
+    axis.set_yscale("symlog", linthresh=0.01)
+    axis.set_xlabel(f"p({positive})")
+    axis.set_ylabel("share of rows")
+    axis.set_title(f"score distribution: PSI {psi:.3f}" if psi is not None else "score distribution")
+    axis.legend(loc="upper center")
+    return png(figure)

@@ -103,7 +103,7 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     with scoring_turn(f"{cfg.input} into {cfg.output}", logger.info) as ledger:
         run, summary = plan_run(cfg, metadata)  # planned in its turn: it sees what the run before committed
         if run.to_score:
-            score_into_table(cfg, run, summary, ledger)
+            score_into_table(cfg, run, summary, ledger, started)
         else:
             logger.info(f"nothing new to score in {cfg.input} ({summary.files_seen - len(summary.files_failed)} "
                         f"readable files already scored with model {run.model_version})")
@@ -157,8 +157,11 @@ def plan_run(cfg: ScoreConfig, metadata: dict) -> tuple[Run, ScoreSummary]:
                                   threshold_given=cfg.threshold is not None, exports=export_problems(metadata))
     threshold = (cfg.threshold if operating_point is None
                  else OperatingPoint(**operating_point).threshold_at(precision.precision))
-    run = Run(new_run_id(), table, state, to_score, rows_to_score, rows, mode, model_version, classifier_version,
-              operating_point, precision, max_length, carried_types, keep_text, data_schema)
+    run = Run(run_id=new_run_id(), table=table, state=state, to_score=to_score, rows_to_score=rows_to_score,
+              footer_rows=rows, mode=mode, model_version=model_version, classifier_version=classifier_version,
+              labels=labels, positive=metadata["positive_label"], operating_point=operating_point,
+              precision=precision, max_length=max_length, carried_types=carried_types, keep_text=keep_text,
+              data_schema=data_schema)
     summary = ScoreSummary(run_id=run.run_id, output=table.url, table_version=state.version, files_seen=len(files),
                            threshold=threshold, files_failed=failed, files_skipped=[asdict(f) for f in skipped])
     for file in skipped:
@@ -183,6 +186,8 @@ class Run:
     mode: str  # see scores_layout.RunOutput
     model_version: str  # what the table records: the classifier's version, and a --threshold given
     classifier_version: str  # what every replica must load
+    labels: list[str]
+    positive: str | None  # the class a binary classifier flags (the report's spam share)
     operating_point: dict | None  # the classifier's, unless --threshold replaces it
     precision: PrecisionChoice  # what every replica computes in, and why
     max_length: int
@@ -191,7 +196,7 @@ class Run:
     data_schema: pa.Schema
 
 
-def score_into_table(cfg: ScoreConfig, run: Run, summary: ScoreSummary, ledger) -> None:
+def score_into_table(cfg: ScoreConfig, run: Run, summary: ScoreSummary, ledger, started: float) -> None:
     """Runs the pipeline over `run.to_score` into the table's sink (which audits and commits);
     updates `summary`. `ledger` (a driver_actors.RunLedger actor) counts the batches' crashes and
     the rows written."""
@@ -210,9 +215,10 @@ def score_into_table(cfg: ScoreConfig, run: Run, summary: ScoreSummary, ledger) 
                 f"into {table.url}")
     log_operating_point(run.operating_point, precision)
     record = {"model": cfg.model, "model_version": run.model_version, "threshold": summary.threshold,
-              "precision": precision, "precision_reason": run.precision.reason}
+              "precision": precision, "precision_reason": run.precision.reason, "labels": run.labels,
+              "positive": run.positive, "files_skipped": len(summary.files_skipped), "started": started}
     sink = ScoresSink(table, run.state, run.run_id, run.model_version, run.mode, run.data_schema, run.to_score,
-                      record, WRITE_BATCH_ROWS, ledger, failed_up_front=set(summary.files_failed),
+                      record, WRITE_BATCH_ROWS, ledger, failed_up_front=dict(summary.files_failed),
                       footer_rows=run.footer_rows)
     write_with_progress(dataset, sink, ledger, run.rows_to_score)
     outcome = sink.outcome

@@ -54,12 +54,12 @@ class SinkOutcome:
 class ScoresSink(Datasink):
     def __init__(self, table: ScoresTable, state: TableState, run_id: str, model_version: str, mode: str,
                  data_schema: pa.Schema, inputs: list[InputFile], metadata: dict, rows_per_write: int,
-                 rows_written=None, failed_up_front: set[str] = frozenset(),
+                 rows_written=None, failed_up_front: dict[str, str] | None = None,
                  footer_rows: dict[str, int | None] | None = None):
         self.table, self.state, self.run_id = table, state, run_id
         self.model_version, self.mode, self.data_schema = model_version, mode, data_schema
         self.inputs = {file.url: file for file in inputs}
-        self.failed_up_front = set(failed_up_front)  # inputs not scored, whose rows an overwrite keeps
+        self.failed_up_front = dict(failed_up_front or {})  # inputs not scored -> why; an overwrite keeps their rows
         self.footer_rows = footer_rows or {}  # Parquet inputs' rows as the up-front check read them
         self.metadata, self.rows_per_write, self.rows_written = metadata, rows_per_write, rows_written
         self.outcome = SinkOutcome()
@@ -90,8 +90,10 @@ class ScoresSink(Datasink):
     # -- on the driver --------------------------------------------------------------------------
     def on_write_complete(self, write_result) -> None:
         output = self.outcome.output = self.audited_output(write_result)
-        record = {**self.metadata, "run_id": self.run_id, "files_scored": len(output.inputs),
-                  "rows": self.outcome.audit.rows_written, "files_failed": self.outcome.file_errors}
+        audit = self.outcome.audit
+        record = {**self.metadata, "run_id": self.run_id, "files_scored": len(output.inputs), "rows": audit.rows_written,
+                  "rows_per_status": dict(audit.rows_per_status), "rows_per_label": dict(audit.rows_per_label),
+                  "files_failed": {**self.failed_up_front, **self.outcome.file_errors}}
         self.outcome.committing = True
         self.outcome.result = self.table.commit(self.state, output, table_schema(self.data_schema),
                                                 {"spamray": json.dumps(record)})
@@ -119,7 +121,7 @@ class ScoresSink(Datasink):
         scored = [file for file in scored if file.url not in audit.file_errors]
         return RunOutput(self.run_id, self.model_version, self.mode, {f.url: f for f in scored},
                          {f.url: files[f.url] for f in scored},
-                         failed=set(self.outcome.file_errors) | self.failed_up_front)
+                         failed=set(self.outcome.file_errors) | set(self.failed_up_front))
 
     def on_write_failed(self, error: Exception) -> None:
         """Deletes this run's files where nothing of it is committed; keeps them where a commit

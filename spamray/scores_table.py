@@ -99,7 +99,8 @@ class ScoresTable:
         return [{**file, "path": unquote(file["path"])} for file in files]
 
     def read(self, version: int | None = None, columns: list[str] | None = None) -> pa.Table:
-        """The table's rows at `version` (default: the latest), partition columns included.
+        """The table's rows at `version` (default: the latest), partition columns included; only
+        `columns` where given (the others are not read). Its files are read several at once.
 
         It reads the files the log names with pyarrow: deltalake's own scanner can abort the
         process at exit after a successful read (delta-rs #2184), and a scheduler must be able
@@ -108,15 +109,23 @@ class ScoresTable:
 
         table = DeltaTable(self.url, version=version)
         schema = pa.schema(table.schema().to_arrow())
-        parts = []
-        for file in self._live_files(table):
+        if columns is not None:
+            unknown = sorted(set(columns) - set(schema.names))
+            if unknown:
+                raise ValueError(f"{self.url} has no column(s) {unknown}; its columns are {schema.names}")
+            schema = pa.schema([schema.field(name) for name in columns])
+        stored = [name for name in schema.names if name not in PARTITIONS]
+
+        def read_file(file: dict) -> pa.Table:
             with self.fs.open(f"{self.path}/{file['path']}", "rb") as handle:
-                part = pq.read_table(handle)
-            for name, kind in PARTITIONS.items():
-                part = part.append_column(name, pa.array([file[f"partition.{name}"]] * part.num_rows, kind))
-            parts.append(part.select(schema.names).cast(schema))
-        rows = pa.concat_tables(parts) if parts else schema.empty_table()
-        return rows.select(columns) if columns else rows
+                part = pq.read_table(handle, columns=stored)
+            for name in PARTITIONS:
+                if name in schema.names:
+                    part = part.append_column(name, pa.array([file[f"partition.{name}"]] * part.num_rows, PARTITIONS[name]))
+            return part.select(schema.names).cast(schema)
+
+        parts = storage.map_requests(read_file, self._live_files(table))
+        return pa.concat_tables(parts) if parts else schema.empty_table()
 
     def _refuse_other_content(self) -> None:
         if not self.fs.exists(self.path) or not self.fs.ls(self.path):

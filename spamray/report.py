@@ -1,0 +1,249 @@
+"""What the filter did, night after night: a scores table's runs read back from its commits and
+rows, for the people who run it.
+
+Each run's commit records what it did (see score.py and scores_sink.py): the model, precision and
+threshold, the files scored, failed and skipped, its rows per status and per label, when it
+started. The report reads those records from the table's history, and the positive class's
+probabilities of each run's rows from the table itself (only the columns it needs), and gives
+per run:
+
+- volume, files and statuses, and rows per second from its start to its commit;
+- the spam share: rows labelled the positive class among the rows labelled at all;
+- drift against a reference run, which needs no labels: the population stability index (PSI) of
+  the positive class's probability over PSI_BINS equal bins of [0, 1], and the change in spam
+  share. The reference is a run you name, by default the table's first.
+
+A run's probabilities are those of its rows the table still holds: rows an input's newer scoring
+replaced are gone (their counts stay in the record), so such a run has no PSI. The history is as
+long as the table's log is kept (Delta's logRetentionDuration, 30 days by default).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+
+from .classifier import probability_column
+from .scores_table import ScoresTable
+
+PSI_BINS = 20
+# An empty bin's share in the PSI: its log needs both shares above zero. 1e-4 is the common
+# choice: a bin one night fills and the reference left empty adds a large, finite term.
+PSI_EMPTY_SHARE = 1e-4
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a scoring run's commit says it did."""
+
+    run_id: str
+    version: int
+    started: datetime
+    committed: datetime
+    model: str
+    model_version: str
+    precision: str
+    threshold: float | None
+    labels: list[str]
+    positive: str | None
+    files_scored: int
+    files_failed: dict[str, str]
+    files_skipped: int
+    rows: int
+    rows_per_status: dict[str, int]
+    rows_per_label: dict[str, int]
+
+    @classmethod
+    def from_commit(cls, commit: dict) -> RunRecord | None:
+        """The run a commit of the table's history records; None for other commits (the table's
+        creation, maintenance such as compaction)."""
+        if "spamray" not in commit:
+            return None
+        record = commit["spamray"]
+        record = json.loads(record) if isinstance(record, str) else record
+        return cls(run_id=record["run_id"], version=commit["version"],
+                   started=datetime.fromtimestamp(record["started"], timezone.utc),
+                   committed=datetime.fromtimestamp(commit["timestamp"] / 1000, timezone.utc),
+                   model=record["model"], model_version=record["model_version"], precision=record["precision"],
+                   threshold=record["threshold"], labels=record["labels"], positive=record["positive"],
+                   files_scored=record["files_scored"], files_failed=record["files_failed"],
+                   files_skipped=record["files_skipped"], rows=record["rows"],
+                   rows_per_status=record["rows_per_status"], rows_per_label=record["rows_per_label"])
+
+    @property
+    def positive_share(self) -> float | None:
+        """The share of labelled rows labelled the positive class."""
+        labelled = sum(count for label, count in self.rows_per_label.items() if label in self.labels)
+        return self.rows_per_label.get(self.positive, 0) / labelled if labelled and self.positive else None
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / max((self.committed - self.started).total_seconds(), 1e-3)
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """One run as the report shows it."""
+
+    record: RunRecord
+    rows_held: int  # rows of this run the table still holds (with a probability)
+    histogram: list[float]  # the share of those rows in each of PSI_BINS bins (empty: none held)
+    psi: float | None  # against the reference; None where this run or the reference holds no rows
+    share_change: float | None  # spam share minus the reference's
+
+
+@dataclass(frozen=True)
+class AlertLimits:
+    """What makes `spamray report` exit non-zero: a run past any limit set."""
+
+    max_psi: float | None = None
+    max_failed_files: int | None = None
+    max_share_change: float | None = None
+
+
+@dataclass(frozen=True)
+class TableReport:
+    table: str
+    positive: str
+    reference: RunReport
+    runs: list[RunReport] = field(default_factory=list)
+
+    def alerts(self, limits: AlertLimits) -> list[str]:
+        """One line per run and limit it passes."""
+        found = []
+        for run in self.runs:
+            name = run.record.run_id
+            if limits.max_psi is not None and run.psi is not None and run.psi > limits.max_psi:
+                found.append(f"{name}: PSI {run.psi:.3f} > {limits.max_psi:g} against {self.reference.record.run_id}")
+            if limits.max_failed_files is not None and len(run.record.files_failed) > limits.max_failed_files:
+                found.append(f"{name}: {len(run.record.files_failed)} failed file(s) > {limits.max_failed_files}: "
+                             f"{', '.join(run.record.files_failed)}")
+            if (limits.max_share_change is not None and run.share_change is not None
+                    and abs(run.share_change) > limits.max_share_change):
+                found.append(f"{name}: {self.positive} share changed by {run.share_change:+.2%} (limit "
+                             f"{limits.max_share_change:.2%})")
+        return found
+
+    def to_json(self) -> dict:
+        """Each run under its run id, and the reference's."""
+        def run_json(run: RunReport) -> dict:
+            record = asdict(run.record)
+            record["started"], record["committed"] = run.record.started.isoformat(), run.record.committed.isoformat()
+            return {**record, "positive_share": run.record.positive_share,
+                    "rows_per_second": run.record.rows_per_second, "rows_held": run.rows_held,
+                    "histogram": run.histogram, "psi": run.psi, "share_change": run.share_change}
+
+        return {"table": self.table, "positive": self.positive, "psi_bins": PSI_BINS,
+                "reference": self.reference.record.run_id, "reference_histogram": self.reference.histogram,
+                "runs": {run.record.run_id: run_json(run) for run in self.runs}}
+
+
+# -- computing it ---------------------------------------------------------------------------------
+def histogram(probabilities: np.ndarray) -> np.ndarray:
+    """The share of `probabilities` in each of PSI_BINS equal bins of [0, 1]."""
+    counts, _ = np.histogram(probabilities, bins=PSI_BINS, range=(0.0, 1.0))
+    return counts / max(counts.sum(), 1)
+
+
+def population_stability_index(reference: np.ndarray, current: np.ndarray) -> float:
+    """PSI = sum over bins of (current - reference) * ln(current / reference), on bin shares,
+    empty bins at PSI_EMPTY_SHARE. Below 0.1 is usually read as stable, above 0.25 as a shift."""
+    expected = np.maximum(reference, PSI_EMPTY_SHARE)
+    actual = np.maximum(current, PSI_EMPTY_SHARE)
+    return float(np.sum((actual - expected) * np.log(actual / expected)))
+
+
+def read_runs(table: ScoresTable) -> list[RunRecord]:
+    """Every scoring run the table's history records, oldest first."""
+    from deltalake import DeltaTable
+
+    history = DeltaTable(table.url).history()
+    runs = [RunRecord.from_commit(commit) for commit in history]
+    return sorted((run for run in runs if run is not None), key=lambda run: run.version)
+
+
+def select_runs(runs: list[RunRecord], since: datetime | None, last: int | None) -> list[RunRecord]:
+    """The runs committed at or after `since`, then the `last` of them."""
+    chosen = [run for run in runs if since is None or run.committed >= since]
+    return chosen[-last:] if last else chosen
+
+
+def held_probabilities(table: ScoresTable, positive: str) -> dict[str, np.ndarray]:
+    """Each run's positive-class probabilities of the rows the table holds (scored rows only)."""
+    column = probability_column(positive)
+    rows = table.read(columns=["run_id", column])
+    runs, probabilities = rows["run_id"].to_numpy(zero_copy_only=False), rows[column].to_numpy(zero_copy_only=False)
+    scored = ~np.isnan(probabilities.astype(np.float64))
+    runs, probabilities = runs[scored], probabilities[scored].astype(np.float64)
+    order = np.argsort(runs, kind="stable")
+    names, starts = np.unique(runs[order], return_index=True)
+    return dict(zip(names, np.split(probabilities[order], starts[1:])))
+
+
+def report(table_url: str, since: datetime | None = None, last: int | None = None,
+           reference: str | None = None) -> TableReport:
+    """The report of `table_url`'s runs (committed at or after `since`, the `last` N of them),
+    drift measured against the run `reference` (default: the table's first)."""
+    table = ScoresTable(table_url)
+    runs = read_runs(table)
+    if not runs:
+        raise ValueError(f"{table.url} records no scoring run: score into it first")
+    by_id = {run.run_id: run for run in runs}
+    if reference is not None and reference not in by_id:
+        raise ValueError(f"--reference {reference!r}: no run of {table.url} has that id; its runs are "
+                         f"{', '.join(list(by_id)[-5:])} (the latest five)")
+    reference_run = by_id[reference] if reference else runs[0]
+    positive = reference_run.positive
+    if positive is None:
+        raise ValueError(f"{table.url}: the classifier of run {reference_run.run_id} names no positive class "
+                         f"(labels {reference_run.labels}), so there is no spam share to report")
+    chosen = select_runs(runs, since, last)
+    probabilities = held_probabilities(table, positive)
+    reference_report = run_report(reference_run, probabilities, None, None)
+    return TableReport(table.url, positive, reference_report,
+                       [run_report(run, probabilities, reference_report, reference_run) for run in chosen])
+
+
+def run_report(run: RunRecord, probabilities: dict[str, np.ndarray], reference: RunReport | None,
+               reference_run: RunRecord | None) -> RunReport:
+    held = probabilities.get(run.run_id, np.empty(0))
+    shares = histogram(held) if len(held) else np.empty(0)
+    psi = share_change = None
+    if reference is not None:
+        if len(held) and reference.rows_held:
+            psi = population_stability_index(np.asarray(reference.histogram), shares)
+        if run.positive_share is not None and reference_run.positive_share is not None:
+            share_change = run.positive_share - reference_run.positive_share
+    return RunReport(run, len(held), shares.tolist(), psi, share_change)
+
+
+# -- showing it -----------------------------------------------------------------------------------
+def format_report(result: TableReport) -> str:
+    """A compact table, a run a line."""
+    header = (f"{'run':<26} {'committed (UTC)':<16} {'rows':>9} {'files':>5} {'failed':>6} {'skipped':>7} "
+              f"{result.positive + ' share':>12} {'change':>8} {'PSI':>6} {'rows/s':>8}  model / precision / threshold")
+    lines = [f"{result.table}: {len(result.runs)} run(s); drift against {result.reference.record.run_id}", header]
+    for run in result.runs:
+        record = run.record
+        share = "-" if record.positive_share is None else f"{record.positive_share:.2%}"
+        change = "-" if run.share_change is None else f"{run.share_change:+.2%}"
+        psi = "-" if run.psi is None else f"{run.psi:.3f}"
+        threshold = "-" if record.threshold is None else f"{record.threshold:.4f}"
+        lines.append(f"{record.run_id:<26} {record.committed:%Y-%m-%d %H:%M} {record.rows:>9,} {record.files_scored:>5} "
+                     f"{len(record.files_failed):>6} {record.files_skipped:>7} {share:>12} {change:>8} {psi:>6} "
+                     f"{record.rows_per_second:>8,.0f}  {record.model_version} / {record.precision} / {threshold}")
+    return "\n".join(lines)
+
+
+def parse_since(text: str) -> datetime:
+    """An ISO date or date and time (UTC unless it names its zone)."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"--since {text!r}: give an ISO date or date and time, such as 2026-12-01 or "
+                         "2026-12-01T18:00") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+

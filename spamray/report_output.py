@@ -1,0 +1,76 @@
+"""The nightly report's files in `--out DIR` (a folder or URL): report.json, the two plots, and
+with --html one static page that holds them all (its images inline, so it can be mailed or
+served as one file)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+
+from . import storage
+from .plots import plot_histograms, plot_nights
+from .report import TableReport
+
+REPORT_JSON, NIGHTS_PNG, SCORES_PNG, REPORT_HTML = "report.json", "nights.png", "scores.png", "report.html"
+
+
+def plots(result: TableReport) -> dict[str, bytes]:
+    """Volume and spam share over the runs; the latest run's score histogram over the reference's."""
+    records = [run.record for run in result.runs]
+    latest = result.runs[-1]
+    return {
+        NIGHTS_PNG: plot_nights([r.committed for r in records], [r.rows for r in records],
+                                [r.positive_share for r in records], [len(r.files_failed) for r in records],
+                                result.positive),
+        SCORES_PNG: plot_histograms(latest.histogram, result.reference.histogram, latest.record.run_id,
+                                    result.reference.record.run_id, result.positive, latest.psi),
+    }
+
+
+def write_report(result: TableReport, out: str, page: bool) -> list[str]:
+    """Writes the report's files into `out`; returns their URLs. Each file is written whole (an
+    object store's PUT, a local rename), so a reader never sees half of one."""
+    files = {REPORT_JSON: json.dumps(result.to_json(), indent=1).encode(), **plots(result)}
+    if page:
+        files[REPORT_HTML] = html_page(result, files).encode()
+    urls = []
+    for name, data in files.items():
+        urls.append(storage.join(out, name))
+        storage.write_bytes(urls[-1], data)
+    return urls
+
+
+def html_page(result: TableReport, files: dict[str, bytes]) -> str:
+    def image(name: str) -> str:
+        return f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(files[name]).decode()}">'
+
+    columns = ["run", "committed (UTC)", "rows", "files", "failed", "skipped", f"{result.positive} share", "change",
+               "PSI", "rows/s", "model", "precision", "threshold"]
+    rows = []
+    for run in result.runs:
+        record = run.record
+        cells = [record.run_id, f"{record.committed:%Y-%m-%d %H:%M}", f"{record.rows:,}", record.files_scored,
+                 len(record.files_failed), record.files_skipped,
+                 "-" if record.positive_share is None else f"{record.positive_share:.2%}",
+                 "-" if run.share_change is None else f"{run.share_change:+.2%}",
+                 "-" if run.psi is None else f"{run.psi:.3f}", f"{record.rows_per_second:,.0f}", record.model_version,
+                 record.precision, "-" if record.threshold is None else f"{record.threshold:.4f}"]
+        failed = ' class="failed"' if record.files_failed else ""
+        rows.append(f"<tr{failed}>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in cells) + "</tr>")
+    failures = [f"<li>{html.escape(run.record.run_id)}: {html.escape(url)}: {html.escape(why)}</li>"
+                for run in result.runs for url, why in run.record.files_failed.items()]
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>spamray report: {html.escape(result.table)}</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}} tr.failed td{{background:#fdd}}</style></head>
+<body><h1>spamray report</h1>
+<p>{html.escape(result.table)}: {len(result.runs)} run(s); drift against {html.escape(result.reference.record.run_id)}</p>
+{image(NIGHTS_PNG)}
+{image(SCORES_PNG)}
+<table><tr>{"".join(f"<th>{html.escape(c)}</th>" for c in columns)}</tr>
+{chr(10).join(rows)}
+</table>
+<h2>Failed files</h2><ul>{"".join(failures) or "<li>none</li>"}</ul>
+</body></html>
+"""

@@ -180,10 +180,23 @@ class ScoreConfig:
     threshold: float | None = option(None, "label a binary classifier's positive class where its probability "
                                      "reaches this (default: the classifier's operating point, else the most "
                                      "probable label)")
+    shadow: str | None = option(None, "a candidate classifier to try beside --model: the run scores every row with "
+                                "both in one pass and writes the candidate's labels (at its own operating point) "
+                                "beside the model in use's into --output, a shadow table of its own; the table in "
+                                "use is not written. The candidate must have --model's labels, positive class and "
+                                "token length")
     read_batch_rows: int = option(65536, "rows per block when reading a file")
     retention_hours: float = option(168.0, "after each commit, vacuum deletes the files that commits replaced once "
                                     "older than this (time travel reaches back this far); files no commit named "
                                     "go only with `spamray vacuum`")
+
+
+    def __post_init__(self):
+        if self.shadow is not None and self.threshold is not None:
+            raise ValueError("--shadow with --threshold: a shadow run labels each model at its own operating point; "
+                             "leave --threshold out")
+        if self.shadow is not None and self.shadow.rstrip("/") == self.model.rstrip("/"):
+            raise ValueError(f"--shadow {self.shadow} is --model itself: name the candidate to compare with it")
 
 
 @dataclass

@@ -56,26 +56,16 @@ class Scorer:
     was starting replicas), and a batch that already crashed MAX_BATCH_CRASHES replicas (see there)."""
 
     def __init__(self, model_url: str, threads: int, model_name: str, precision: str = "auto",
-                 model_version: str | None = None, batch_crashes=None, threshold: float | None = None):
+                 model_version: str | None = None, batch_crashes=None, threshold: float | None = None,
+                 in_use_url: str | None = None, in_use_version: str | None = None, in_use_precision: str = "auto"):
         import torch
 
-        from .classifier import TextClassifier
-
         torch.set_num_threads(threads)
-        self.classifier = TextClassifier.load(model_url)
-        if model_version is not None and self.classifier.version != model_version:
-            raise saved.SavedClassifierError(
-                f"{model_url} changed while this run was starting: the run recorded model version {model_version}, "
-                f"a replica loaded {self.classifier.version}. A run scores every row with one model version; "
-                "run it again to score with the new model")
-        on_gpu = torch.cuda.is_available()
-        if on_gpu:
-            self.classifier.cuda()
-        point = self.classifier.operating_point if threshold is None else None  # (a given threshold replaces it)
-        self.precision = resolve_precision(precision, on_gpu, operating_point=point and point.to_dict(),
-                                           threshold_given=threshold is not None,
-                                           exports=export_problems(self.classifier.saved_metadata))
-        self.classifier.set_precision(self.precision.precision, threads, shares_cores=True)
+        self.classifier, self.precision = load_checked(model_url, model_version, precision, threads, threshold)
+        # A shadow run's model in use: it scores the same token ids, at its own operating point,
+        # for the rows to compare with the candidate's.
+        self.in_use = (load_checked(in_use_url, in_use_version, in_use_precision, threads, None)[0]
+                       if in_use_url else None)
         self.columns = [probability_column(label) for label in self.classifier.labels]
         self.model_name = model_name
         self.node = replica_node()
@@ -101,30 +91,74 @@ class Scorer:
         token_ids = batch["token_ids"].combine_chunks()
         offsets, flat = token_ids.offsets.to_numpy(), token_ids.values.to_numpy()
         scoreable = np.flatnonzero(np.isin(batch["status"].to_numpy(zero_copy_only=False), SCOREABLE))
-        probs = self.classifier.score_token_ids([flat[offsets[row]:offsets[row + 1]] for row in scoreable])
-        return self.output(batch, scoreable, probs)
+        sequences = [flat[offsets[row]:offsets[row + 1]] for row in scoreable]
+        probs = self.classifier.score_token_ids(sequences)
+        in_use_probs = self.in_use.score_token_ids(sequences) if self.in_use is not None else None
+        return self.output(batch, scoreable, probs, in_use_probs=in_use_probs)
 
-    def output(self, batch: pa.Table, scoreable, probs: np.ndarray, file_errors: pa.Array | None = None) -> pa.Table:
+    def output(self, batch: pa.Table, scoreable, probs: np.ndarray, file_errors: pa.Array | None = None,
+               in_use_probs: np.ndarray | None = None) -> pa.Table:
         """The batch with its predictions: label, label_id and a probability per label, null
-        where a row was not scored."""
+        where a row was not scored; in a shadow run also the model in use's label and positive
+        class probability (IN_USE_COLUMNS)."""
         mask = np.ones(batch.num_rows, dtype=bool)
         mask[scoreable] = False
-        full = np.zeros((batch.num_rows, len(self.columns)), dtype=np.float32)
-        full[scoreable] = probs
-        label_ids = np.zeros(batch.num_rows, dtype=np.int64)
-        label_ids[scoreable] = self.classifier.label_ids(probs, self.threshold) if len(probs) else 0
-        labels = np.asarray(self.classifier.labels, dtype=object)[label_ids]
         out = batch.drop_columns(["token_ids"])
         if file_errors is not None:
             out = out.set_column(out.schema.get_field_index("file_error"), "file_error", file_errors)
+        labels, label_ids, full = self.labelled(self.classifier, batch.num_rows, scoreable, probs, self.threshold)
         out = out.append_column("label", pa.array(labels, pa.string(), mask=mask))
         out = out.append_column("label_id", pa.array(label_ids, mask=mask))
         for column, values in zip(self.columns, full.T):
             out = out.append_column(column, pa.array(values, mask=mask))
+        if self.in_use is not None:
+            in_use_probs = in_use_probs if in_use_probs is not None else probs[:0]
+            labels, _, full = self.labelled(self.in_use, batch.num_rows, scoreable, in_use_probs, None)
+            positive = self.in_use.labels.index(self.in_use.positive)
+            out = out.append_column("in_use_label", pa.array(labels, pa.string(), mask=mask))
+            out = out.append_column(in_use_probability_column(self.in_use.positive), pa.array(full[:, positive], mask=mask))
         now = datetime.now(timezone.utc)
         return (out.append_column("model", pa.array([self.model_name] * batch.num_rows, pa.string()))
                 .append_column("scored_at", pa.array([now] * batch.num_rows, pa.timestamp("us", tz="UTC")))
                 .append_column("replica_node", pa.array([self.node] * batch.num_rows, pa.string())))
+
+    @staticmethod
+    def labelled(classifier, rows: int, scoreable, probs: np.ndarray, threshold: float | None):
+        """Every row's label, label id and probabilities (zeros where not scored)."""
+        full = np.zeros((rows, len(classifier.labels)), dtype=np.float32)
+        full[scoreable] = probs
+        label_ids = np.zeros(rows, dtype=np.int64)
+        label_ids[scoreable] = classifier.label_ids(probs, threshold) if len(probs) else 0
+        return np.asarray(classifier.labels, dtype=object)[label_ids], label_ids, full
+
+
+def in_use_probability_column(positive: str) -> str:
+    """A shadow table's probability of the positive class under the model in use."""
+    return "in_use_" + probability_column(positive)
+
+
+def load_checked(model_url: str, model_version: str | None, precision: str, threads: int, threshold: float | None):
+    """The saved classifier, refused where its version is not the run's (it was overwritten while
+    the run was starting replicas), set to compute on `precision` on this replica's hardware;
+    and that precision choice."""
+    import torch
+
+    from .classifier import TextClassifier
+
+    classifier = TextClassifier.load(model_url)
+    if model_version is not None and classifier.version != model_version:
+        raise saved.SavedClassifierError(
+            f"{model_url} changed while this run was starting: the run recorded model version {model_version}, "
+            f"a replica loaded {classifier.version}. A run scores every row with one model version; "
+            "run it again to score with the new model")
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        classifier.cuda()
+    point = classifier.operating_point if threshold is None else None  # (a given threshold replaces it)
+    choice = resolve_precision(precision, on_gpu, operating_point=point and point.to_dict(),
+                               threshold_given=threshold is not None, exports=export_problems(classifier.saved_metadata))
+    classifier.set_precision(choice.precision, threads, shares_cores=True)
+    return classifier, choice
 
 
 def batch_key(batch: pa.Table) -> str:

@@ -13,6 +13,9 @@ per run:
   the positive class's probability over PSI_BINS equal bins of [0, 1], and the change in spam
   share. The reference is a run you name, by default the table's first.
 
+In a shadow table (`spamray score --shadow`), each run also gets the candidate's agreement with
+the model in use and its flips each way, from the two label columns of its rows.
+
 A run's probabilities are those of its rows the table still holds: rows an input's newer scoring
 replaced are gone (their counts stay in the record), so such a run has no PSI. The history is as
 long as the table's log is kept (Delta's logRetentionDuration, 30 days by default).
@@ -55,6 +58,7 @@ class RunRecord:
     rows: int
     rows_per_status: dict[str, int]
     rows_per_label: dict[str, int]
+    in_use_version: str | None = None  # a shadow run's model in use (the run's own model is the candidate)
 
     @classmethod
     def from_commit(cls, commit: dict) -> RunRecord | None:
@@ -71,7 +75,8 @@ class RunRecord:
                    threshold=record["threshold"], labels=record["labels"], positive=record["positive"],
                    files_scored=record["files_scored"], files_failed=record["files_failed"],
                    files_skipped=record["files_skipped"], rows=record["rows"],
-                   rows_per_status=record["rows_per_status"], rows_per_label=record["rows_per_label"])
+                   rows_per_status=record["rows_per_status"], rows_per_label=record["rows_per_label"],
+                   in_use_version=record["in_use"]["model_version"] if "in_use" in record else None)
 
     @property
     def positive_share(self) -> float | None:
@@ -85,6 +90,25 @@ class RunRecord:
 
 
 @dataclass(frozen=True)
+class Comparison:
+    """A shadow run's candidate against the model in use, over the rows both labelled."""
+
+    rows: int
+    agree: int
+    to_positive: int  # the model in use said another class, the candidate the positive one
+    to_negative: int  # the model in use said the positive class, the candidate another
+    in_use_positive: int  # rows the model in use labelled positive
+
+    @property
+    def agreement(self) -> float | None:
+        return self.agree / self.rows if self.rows else None
+
+    @property
+    def in_use_share(self) -> float | None:
+        return self.in_use_positive / self.rows if self.rows else None
+
+
+@dataclass(frozen=True)
 class RunReport:
     """One run as the report shows it."""
 
@@ -93,6 +117,7 @@ class RunReport:
     histogram: list[float]  # the share of those rows in each of PSI_BINS bins (empty: none held)
     psi: float | None  # against the reference; None where this run or the reference holds no rows
     share_change: float | None  # spam share minus the reference's
+    comparison: Comparison | None = None  # a shadow run's flips
 
 
 @dataclass(frozen=True)
@@ -132,9 +157,12 @@ class TableReport:
         def run_json(run: RunReport) -> dict:
             record = asdict(run.record)
             record["started"], record["committed"] = run.record.started.isoformat(), run.record.committed.isoformat()
+            comparison = run.comparison and {**asdict(run.comparison), "agreement": run.comparison.agreement,
+                                             "in_use_share": run.comparison.in_use_share}
             return {**record, "positive_share": run.record.positive_share,
                     "rows_per_second": run.record.rows_per_second, "rows_held": run.rows_held,
-                    "histogram": run.histogram, "psi": run.psi, "share_change": run.share_change}
+                    "histogram": run.histogram, "psi": run.psi, "share_change": run.share_change,
+                    "comparison": comparison}
 
         return {"table": self.table, "positive": self.positive, "psi_bins": PSI_BINS,
                 "reference": self.reference.record.run_id, "reference_histogram": self.reference.histogram,
@@ -171,16 +199,41 @@ def select_runs(runs: list[RunRecord], since: datetime | None, last: int | None)
     return chosen[-last:] if last else chosen
 
 
-def held_probabilities(table: ScoresTable, positive: str) -> dict[str, np.ndarray]:
-    """Each run's positive-class probabilities of the rows the table holds (scored rows only)."""
-    column = probability_column(positive)
-    rows = table.read(columns=["run_id", column])
-    runs, probabilities = rows["run_id"].to_numpy(zero_copy_only=False), rows[column].to_numpy(zero_copy_only=False)
-    scored = ~np.isnan(probabilities.astype(np.float64))
-    runs, probabilities = runs[scored], probabilities[scored].astype(np.float64)
+@dataclass
+class HeldRows:
+    """What the table holds of one run: its positive-class probabilities, and in a shadow table
+    both models' labels (scored rows only)."""
+
+    probabilities: np.ndarray
+    labels: np.ndarray | None = None
+    in_use_labels: np.ndarray | None = None
+
+
+def held_rows(table: ScoresTable, positive: str) -> dict[str, HeldRows]:
+    """Each run's rows the table holds, reading only the columns the report needs."""
+    names = table.read_state().schema.names
+    column, shadow = probability_column(positive), "in_use_label" in names
+    rows = table.read(columns=["run_id", column] + (["label", "in_use_label"] if shadow else []))
+    probabilities = rows[column].to_numpy(zero_copy_only=False).astype(np.float64)
+    scored = ~np.isnan(probabilities)
+    runs = rows["run_id"].to_numpy(zero_copy_only=False)[scored]
     order = np.argsort(runs, kind="stable")
-    names, starts = np.unique(runs[order], return_index=True)
-    return dict(zip(names, np.split(probabilities[order], starts[1:])))
+    run_ids, starts = np.unique(runs[order], return_index=True)
+
+    def per_run(values: np.ndarray) -> list[np.ndarray]:
+        return np.split(values[scored][order], starts[1:])
+
+    if not shadow:
+        return {run: HeldRows(p) for run, p in zip(run_ids, per_run(probabilities))}
+    labels, in_use = (per_run(rows[name].to_numpy(zero_copy_only=False)) for name in ("label", "in_use_label"))
+    return {run: HeldRows(p, a, b) for run, p, a, b in zip(run_ids, per_run(probabilities), labels, in_use)}
+
+
+def compare(held: HeldRows, positive: str) -> Comparison:
+    candidate, in_use = held.labels == positive, held.in_use_labels == positive
+    return Comparison(rows=len(candidate), agree=int((held.labels == held.in_use_labels).sum()),
+                      to_positive=int((candidate & ~in_use).sum()), to_negative=int((~candidate & in_use).sum()),
+                      in_use_positive=int(in_use.sum()))
 
 
 def report(table_url: str, since: datetime | None = None, last: int | None = None,
@@ -188,6 +241,9 @@ def report(table_url: str, since: datetime | None = None, last: int | None = Non
     """The report of `table_url`'s runs (committed at or after `since`, the `last` N of them),
     drift measured against the run `reference` (default: the table's first)."""
     table = ScoresTable(table_url)
+    if not table.has_log():
+        raise FileNotFoundError(f"{table.url} holds no Delta table (no _delta_log): name a table `spamray score` "
+                                "wrote into")
     runs = read_runs(table)
     if not runs:
         raise ValueError(f"{table.url} records no scoring run: score into it first")
@@ -201,23 +257,25 @@ def report(table_url: str, since: datetime | None = None, last: int | None = Non
         raise ValueError(f"{table.url}: the classifier of run {reference_run.run_id} names no positive class "
                          f"(labels {reference_run.labels}), so there is no spam share to report")
     chosen = select_runs(runs, since, last)
-    probabilities = held_probabilities(table, positive)
-    reference_report = run_report(reference_run, probabilities, None, None)
+    held = held_rows(table, positive)
+    reference_report = run_report(reference_run, held, None, None)
     return TableReport(table.url, positive, reference_report,
-                       [run_report(run, probabilities, reference_report, reference_run) for run in chosen])
+                       [run_report(run, held, reference_report, reference_run) for run in chosen])
 
 
-def run_report(run: RunRecord, probabilities: dict[str, np.ndarray], reference: RunReport | None,
+def run_report(run: RunRecord, held: dict[str, HeldRows], reference: RunReport | None,
                reference_run: RunRecord | None) -> RunReport:
-    held = probabilities.get(run.run_id, np.empty(0))
-    shares = histogram(held) if len(held) else np.empty(0)
+    rows = held.get(run.run_id)
+    probabilities = rows.probabilities if rows is not None else np.empty(0)
+    shares = histogram(probabilities) if len(probabilities) else np.empty(0)
     psi = share_change = None
     if reference is not None:
-        if len(held) and reference.rows_held:
+        if len(probabilities) and reference.rows_held:
             psi = population_stability_index(np.asarray(reference.histogram), shares)
         if run.positive_share is not None and reference_run.positive_share is not None:
             share_change = run.positive_share - reference_run.positive_share
-    return RunReport(run, len(held), shares.tolist(), psi, share_change)
+    comparison = compare(rows, run.positive) if rows is not None and rows.labels is not None else None
+    return RunReport(run, len(probabilities), shares.tolist(), psi, share_change, comparison)
 
 
 # -- showing it -----------------------------------------------------------------------------------
@@ -235,7 +293,17 @@ def format_report(result: TableReport) -> str:
         lines.append(f"{record.run_id:<26} {record.committed:%Y-%m-%d %H:%M} {record.rows:>9,} {record.files_scored:>5} "
                      f"{len(record.files_failed):>6} {record.files_skipped:>7} {share:>12} {change:>8} {psi:>6} "
                      f"{record.rows_per_second:>8,.0f}  {record.model_version} / {record.precision} / {threshold}")
+        if run.comparison is not None:
+            lines.append(f"{'':<26} shadow of {record.in_use_version}: {describe_comparison(run.comparison, result.positive)}")
     return "\n".join(lines)
+
+
+def describe_comparison(comparison: Comparison, positive: str) -> str:
+    if not comparison.rows:
+        return "no rows held to compare"
+    return (f"agrees on {comparison.agreement:.2%} of {comparison.rows:,} rows; flips to {positive} "
+            f"{comparison.to_positive:,}, away from {positive} {comparison.to_negative:,}; the model in use's "
+            f"{positive} share {comparison.in_use_share:.2%}")
 
 
 def parse_since(text: str) -> datetime:

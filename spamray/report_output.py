@@ -47,6 +47,10 @@ def html_page(result: TableReport, files: dict[str, bytes]) -> str:
 
     columns = ["run", "committed (UTC)", "rows", "files", "failed", "skipped", f"{result.positive} share", "change",
                "PSI", "rows/s", "model", "precision", "threshold"]
+    shadow = any(run.comparison is not None for run in result.runs)
+    if shadow:
+        columns += ["in use", "agreement", f"flips to {result.positive}", f"flips from {result.positive}",
+                    f"in use's {result.positive} share"]
     rows = []
     for run in result.runs:
         record = run.record
@@ -56,6 +60,10 @@ def html_page(result: TableReport, files: dict[str, bytes]) -> str:
                  "-" if run.share_change is None else f"{run.share_change:+.2%}",
                  "-" if run.psi is None else f"{run.psi:.3f}", f"{record.rows_per_second:,.0f}", record.model_version,
                  record.precision, "-" if record.threshold is None else f"{record.threshold:.4f}"]
+        if shadow:
+            compared = run.comparison
+            cells += [record.in_use_version or "-"] + (["-"] * 4 if compared is None or not compared.rows else [
+                f"{compared.agreement:.2%}", compared.to_positive, compared.to_negative, f"{compared.in_use_share:.2%}"])
         failed = ' class="failed"' if record.files_failed else ""
         rows.append(f"<tr{failed}>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in cells) + "</tr>")
     failures = [f"<li>{html.escape(run.record.run_id)}: {html.escape(url)}: {html.escape(why)}</li>"

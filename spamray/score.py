@@ -25,7 +25,7 @@ from .onnx_graphs import export_problems
 from .operating_point import OperatingPoint
 from .precision import PrecisionChoice, cluster_precision
 from .progress import Progress
-from .replica import Scorer, replica_cpu_reservation, replica_threads, tokenize_batch
+from .replica import Scorer, in_use_probability_column, replica_cpu_reservation, replica_threads, tokenize_batch
 from .scores_layout import IDENTITY, PARTITIONS, TableState, plan_inputs, table_schema
 from .scores_table import ScoresTable
 
@@ -47,21 +47,25 @@ INTERNAL_COLUMNS = {"token_ids", "file_error", "replica_node"}
 # task could start anywhere: the tasks waited for CPUs the replicas held, the replicas for rows.
 TASK_CPUS = 0.25
 REPLICA_START_TIMEOUT_S = 1800
-def output_schema(carried: dict[str, pa.DataType], keep_text: bool, labels: list[str]) -> pa.Schema:
+def output_schema(carried: dict[str, pa.DataType], keep_text: bool, labels: list[str],
+                  shadow_of: str | None = None) -> pa.Schema:
     """The scores columns of the data files (the table adds the identity and partition columns,
-    see scores_table)."""
+    see scores_table); in a shadow run (`shadow_of`: the positive class) also the model in use's
+    label and positive-class probability."""
     fields = [pa.field(name, kind) for name, kind in carried.items() if name != "text"]
     if keep_text:
         fields.append(pa.field("text", pa.string()))
     fields += [pa.field("source_row", pa.int64()), pa.field("status", pa.string()), pa.field("n_tokens", pa.int32()),
                pa.field("label", pa.string()), pa.field("label_id", pa.int64())]
     fields += [pa.field(probability_column(label), pa.float32()) for label in labels]
+    if shadow_of is not None:
+        fields += [pa.field("in_use_label", pa.string()), pa.field(in_use_probability_column(shadow_of), pa.float32())]
     return pa.schema(fields + [pa.field("model", pa.string()), pa.field("scored_at", pa.timestamp("us", tz="UTC"))])
 
 
-def check_output_names(carried: list[str], labels: list[str]) -> None:
+def check_output_names(carried: list[str], labels: list[str], shadow_of: str | None = None) -> None:
     """An input column carried into the output must not take the name of one the output writes."""
-    taken = set(output_schema({}, False, labels).names) | set(IDENTITY) | set(PARTITIONS) | INTERNAL_COLUMNS
+    taken = set(output_schema({}, False, labels, shadow_of).names) | set(IDENTITY) | set(PARTITIONS) | INTERNAL_COLUMNS
     for column in carried:
         if column in taken:
             raise ValueError(f"--keep/--id-column {column!r}: the scores output writes a column of that name itself; "
@@ -99,9 +103,12 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     failed (unreadable, changed during the run, or a batch of them kept killing its replica) are
     in `files_failed`; the others are committed."""
     started = time.time()
-    metadata = read_classifier(cfg.model)  # a model that cannot load fails before waiting for a turn
+    metadata = read_classifier(cfg.shadow or cfg.model)  # a model that cannot load fails before waiting for a turn
+    in_use = read_classifier(cfg.model) if cfg.shadow else None
+    if in_use is not None:
+        check_shadow(cfg, metadata, in_use)
     with scoring_turn(f"{cfg.input} into {cfg.output}", logger.info) as ledger:
-        run, summary = plan_run(cfg, metadata)  # planned in its turn: it sees what the run before committed
+        run, summary = plan_run(cfg, metadata, in_use)  # planned in its turn: it sees what the run before committed
         if run.to_score:
             score_into_table(cfg, run, summary, ledger, started)
         else:
@@ -124,9 +131,29 @@ def read_classifier(model: str) -> dict:
     return metadata
 
 
-def plan_run(cfg: ScoreConfig, metadata: dict) -> tuple[Run, ScoreSummary]:
-    """Everything settled before any Ray work, for the classifier of `metadata`: the files to
-    score (those the mode asks for, checked up front), the output's columns and the precision."""
+def check_shadow(cfg: ScoreConfig, candidate: dict, in_use: dict) -> None:
+    """A candidate is compared row by row with the model in use: the same labels, positive class
+    and token length, or the comparison would not be of like with like."""
+    for key, what in (("labels", "labels"), ("positive_label", "positive class"), ("max_length", "token length")):
+        if candidate[key] != in_use[key]:
+            raise ValueError(f"--shadow {cfg.shadow} has {what} {candidate[key]!r}, the model in use {cfg.model} "
+                             f"{in_use[key]!r}: a shadow run compares the two row by row, so they must agree")
+
+
+@dataclass(frozen=True)
+class InUse:
+    """A shadow run's model in use, scored beside the candidate."""
+
+    url: str
+    version: str
+    positive: str
+    precision: PrecisionChoice
+
+
+def plan_run(cfg: ScoreConfig, metadata: dict, in_use_metadata: dict | None = None) -> tuple[Run, ScoreSummary]:
+    """Everything settled before any Ray work, for the classifier of `metadata` (a shadow run's
+    candidate; `in_use_metadata` is then the model in use's): the files to score (those the mode
+    asks for, checked up front), the output's columns and the precision."""
     classifier_version, labels, max_length = saved.model_version(metadata), metadata["labels"], metadata["max_length"]
     model_version = classifier_version
     if cfg.threshold is not None:
@@ -134,7 +161,8 @@ def plan_run(cfg: ScoreConfig, metadata: dict) -> tuple[Run, ScoreSummary]:
             raise ValueError(f"--threshold applies to a classifier of two labels; {cfg.model} has {len(labels)}")
         model_version = f"{classifier_version}-t{cfg.threshold!r}"  # other labels (repr: every digit)
     carried_columns = [c for c in dict.fromkeys([cfg.id_column, *cfg.keep]) if c and c != cfg.text_column]
-    check_output_names(carried_columns, labels)
+    shadow_of = in_use_metadata["positive_label"] if in_use_metadata else None
+    check_output_names(carried_columns, labels, shadow_of)
     table = ScoresTable(cfg.output)
     with store_step(f"listing {cfg.input}"):
         files, skipped = list_input_files(cfg.input, exclude=table.url)
@@ -146,7 +174,7 @@ def plan_run(cfg: ScoreConfig, metadata: dict) -> tuple[Run, ScoreSummary]:
                    if state.schema is not None and name in state.schema.names}
     carried_types, failed, rows = check_inputs(planned, cfg.text_column, carried_columns, table_types, cfg.quoted_tsv)
     keep_text = "text" in cfg.keep or cfg.text_column in cfg.keep
-    data_schema = output_schema(carried_types, keep_text, labels)
+    data_schema = output_schema(carried_types, keep_text, labels, shadow_of)
     table.check_columns(state, table_schema(data_schema))
     to_score = [f for f in planned if f.url not in failed]
     rows_to_score = sum(rows[f.url] for f in to_score) if all(rows[f.url] is not None for f in to_score) else None
@@ -157,11 +185,16 @@ def plan_run(cfg: ScoreConfig, metadata: dict) -> tuple[Run, ScoreSummary]:
                                   threshold_given=cfg.threshold is not None, exports=export_problems(metadata))
     threshold = (cfg.threshold if operating_point is None
                  else OperatingPoint(**operating_point).threshold_at(precision.precision))
-    run = Run(run_id=new_run_id(), table=table, state=state, to_score=to_score, rows_to_score=rows_to_score,
+    in_use = None
+    if in_use_metadata is not None:
+        in_use = InUse(cfg.model, saved.model_version(in_use_metadata), in_use_metadata["positive_label"],
+                       cluster_precision(cfg.precision, in_use_metadata.get("operating_point"), TASK_CPUS,
+                                         threshold_given=False, exports=export_problems(in_use_metadata)))
+    run = Run(run_id=new_run_id(), model_url=cfg.shadow or cfg.model, table=table, state=state, to_score=to_score, rows_to_score=rows_to_score,
               footer_rows=rows, mode=mode, model_version=model_version, classifier_version=classifier_version,
               labels=labels, positive=metadata["positive_label"], operating_point=operating_point,
               precision=precision, max_length=max_length, carried_types=carried_types, keep_text=keep_text,
-              data_schema=data_schema)
+              data_schema=data_schema, in_use=in_use)
     summary = ScoreSummary(run_id=run.run_id, output=table.url, table_version=state.version, files_seen=len(files),
                            threshold=threshold, files_failed=failed, files_skipped=[asdict(f) for f in skipped])
     for file in skipped:
@@ -178,6 +211,7 @@ class Run:
     """What the driver settled before any Ray work."""
 
     run_id: str
+    model_url: str  # what scores into the table: --model, or a shadow run's candidate
     table: ScoresTable
     state: TableState
     to_score: list[InputFile]
@@ -194,6 +228,7 @@ class Run:
     carried_types: dict[str, pa.DataType]
     keep_text: bool
     data_schema: pa.Schema
+    in_use: InUse | None = None  # a shadow run's model in use
 
 
 def score_into_table(cfg: ScoreConfig, run: Run, summary: ScoreSummary, ledger, started: float) -> None:
@@ -210,13 +245,20 @@ def score_into_table(cfg: ScoreConfig, run: Run, summary: ScoreSummary, ledger, 
         table.check_columns(run.state, schema)
     dataset = scoring_pipeline(cfg, run, ledger)
     precision = run.precision.precision
-    logger.info(f"scoring {len(run.to_score)} of {summary.files_seen} files from {cfg.input} with {cfg.model} "
+    logger.info(f"scoring {len(run.to_score)} of {summary.files_seen} files from {cfg.input} with {run.model_url} "
                 f"({run.model_version}), {cfg.replicas} replica(s), {precision} ({run.precision.reason}), "
                 f"into {table.url}")
     log_operating_point(run.operating_point, precision)
-    record = {"model": cfg.model, "model_version": run.model_version, "threshold": summary.threshold,
+    if run.in_use is not None:
+        logger.info(f"a shadow run: the candidate {run.model_url} beside the model in use {run.in_use.url} "
+                    f"({run.in_use.version}, {run.in_use.precision.precision}), each at its own operating point; "
+                    "the table in use is not written")
+    record = {"model": run.model_url, "model_version": run.model_version, "threshold": summary.threshold,
               "precision": precision, "precision_reason": run.precision.reason, "labels": run.labels,
               "positive": run.positive, "files_skipped": len(summary.files_skipped), "started": started}
+    if run.in_use is not None:
+        record["in_use"] = {"model": run.in_use.url, "model_version": run.in_use.version,
+                            "precision": run.in_use.precision.precision}
     sink = ScoresSink(table, run.state, run.run_id, run.model_version, run.mode, run.data_schema, run.to_score,
                       record, WRITE_BATCH_ROWS, ledger, failed_up_front=dict(summary.files_failed),
                       footer_rows=run.footer_rows)
@@ -291,16 +333,24 @@ def scoring_pipeline(cfg: ScoreConfig, run: Run, batch_crashes):
         .map_batches(Scorer, batch_size=batch_rows, batch_format="pyarrow",
                      compute=ray.data.ActorPoolStrategy(size=cfg.replicas),
                      num_cpus=reserved_cpus, num_gpus=1 if use_gpu else 0,
-                     fn_constructor_kwargs={"model_url": cfg.model, "threads": replica_threads(reserved_cpus),
-                                            "model_name": cfg.model, "precision": run.precision.precision,
+                     fn_constructor_kwargs={"model_url": run.model_url, "threads": replica_threads(reserved_cpus),
+                                            "model_name": run.model_url, "precision": run.precision.precision,
                                             "model_version": run.classifier_version,
-                                            "batch_crashes": batch_crashes, "threshold": cfg.threshold})
+                                            "batch_crashes": batch_crashes, "threshold": cfg.threshold,
+                                            **in_use_arguments(run.in_use)})
     )
     dataset.context.target_max_block_size = OUTPUT_BLOCK_BYTES
     # A clear error, not a hang, when the cluster cannot place every replica (an autoscaler
     # bringing up nodes has this long).
     dataset.context.wait_for_min_actors_s = REPLICA_START_TIMEOUT_S
     return dataset
+
+
+def in_use_arguments(in_use: InUse | None) -> dict:
+    """The replica's arguments for a shadow run's model in use."""
+    if in_use is None:
+        return {}
+    return {"in_use_url": in_use.url, "in_use_version": in_use.version, "in_use_precision": in_use.precision.precision}
 
 
 def log_operating_point(point: dict | None, precision: str) -> None:

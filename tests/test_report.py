@@ -68,13 +68,15 @@ def test_a_records_share_rate_and_the_alerts_each_limit_raises():
     assert select_runs([first, failing, shifted], None, 1) == [shifted]
 
 
-def test_a_commit_that_is_not_a_run_is_not_reported_and_bad_options_are_refused():
+def test_a_commit_that_is_not_a_run_is_not_reported_and_bad_options_are_refused(tmp_path, capsys):
     assert RunRecord.from_commit({"version": 3, "timestamp": 0, "operation": "OPTIMIZE"}) is None
     with pytest.raises(ValueError, match="--last 0"):
         ReportConfig(table="t", last=0)
     with pytest.raises(ValueError, match="--out"):
         ReportConfig(table="t", html=True)
     assert main(["report", "t", "--since", "yesterday"]) == 1
+    assert main(["report", str(tmp_path / "nothing-here")]) == 1
+    assert "holds no Delta table" in capsys.readouterr().err
 
 
 # -- nights of a real table, local and on S3 ------------------------------------------------------

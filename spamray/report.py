@@ -209,11 +209,12 @@ class HeldRows:
     in_use_labels: np.ndarray | None = None
 
 
-def held_rows(table: ScoresTable, positive: str) -> dict[str, HeldRows]:
-    """Each run's rows the table holds, reading only the columns the report needs."""
+def held_rows(table: ScoresTable, positive: str, runs: set[str]) -> dict[str, HeldRows]:
+    """The rows the table holds of each of `runs`, reading only their files and the columns the
+    report needs."""
     names = table.read_state().schema.names
     column, shadow = probability_column(positive), "in_use_label" in names
-    rows = table.read(columns=["run_id", column] + (["label", "in_use_label"] if shadow else []))
+    rows = table.read(columns=["run_id", column] + (["label", "in_use_label"] if shadow else []), runs=runs)
     probabilities = rows[column].to_numpy(zero_copy_only=False).astype(np.float64)
     scored = ~np.isnan(probabilities)
     runs = rows["run_id"].to_numpy(zero_copy_only=False)[scored]
@@ -257,7 +258,7 @@ def report(table_url: str, since: datetime | None = None, last: int | None = Non
         raise ValueError(f"{table.url}: the classifier of run {reference_run.run_id} names no positive class "
                          f"(labels {reference_run.labels}), so there is no spam share to report")
     chosen = select_runs(runs, since, last)
-    held = held_rows(table, positive)
+    held = held_rows(table, positive, {run.run_id for run in [reference_run, *chosen]})
     reference_report = run_report(reference_run, held, None, None)
     return TableReport(table.url, positive, reference_report,
                        [run_report(run, held, reference_report, reference_run) for run in chosen])

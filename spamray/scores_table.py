@@ -98,9 +98,11 @@ class ScoresTable:
         files = pa.table(table.get_add_actions(flatten=True)).to_pylist()
         return [{**file, "path": unquote(file["path"])} for file in files]
 
-    def read(self, version: int | None = None, columns: list[str] | None = None) -> pa.Table:
+    def read(self, version: int | None = None, columns: list[str] | None = None,
+             runs: set[str] | None = None) -> pa.Table:
         """The table's rows at `version` (default: the latest), partition columns included; only
-        `columns` where given (the others are not read). Its files are read several at once.
+        `columns` where given (the others are not read), only the rows of `runs` (run ids) where
+        given (the other files are not opened). Its files are read several at once.
 
         It reads the files the log names with pyarrow: deltalake's own scanner can abort the
         process at exit after a successful read (delta-rs #2184), and a scheduler must be able
@@ -124,7 +126,10 @@ class ScoresTable:
                     part = part.append_column(name, pa.array([file[f"partition.{name}"]] * part.num_rows, PARTITIONS[name]))
             return part.select(schema.names).cast(schema)
 
-        parts = storage.map_requests(read_file, self._live_files(table))
+        files = self._live_files(table)
+        if runs is not None:  # a file's run is the end of its scoring partition (see scores_layout)
+            files = [file for file in files if file["partition.scoring"].split("-", 1)[1] in runs]
+        parts = storage.map_requests(read_file, files)
         return pa.concat_tables(parts) if parts else schema.empty_table()
 
     def _refuse_other_content(self) -> None:

@@ -288,7 +288,7 @@ class TextClassifier(nn.Module):
             cfg = GPTConfig.from_dict(metadata["model_config"])
             with torch.device("meta"):
                 skeleton = cls(GPTModel(cfg), metadata["labels"], metadata["pooling"], metadata["max_length"],
-                               causal=metadata.get("causal_mask", True), pad_to=metadata.get("pad_to"))
+                               causal=metadata["causal_mask"], pad_to=metadata["pad_to"])
         except (KeyError, TypeError, ValueError) as error:
             raise saved.SavedClassifierError(f"{url}: {saved.METADATA_FILE} does not describe a valid classifier ({error})") from error
         expected = {name: (tuple(t.shape), t.dtype) for name, t in skeleton.state_dict().items()}
@@ -297,15 +297,17 @@ class TextClassifier(nn.Module):
         # (seconds for the larger models, paid by every scoring replica as it starts).
         classifier = skeleton
         classifier.load_state_dict(tensors, strict=True, assign=True)
-        classifier.metrics = metadata.get("metrics", {})
-        classifier.trainable = metadata.get("trainable", "all")
         try:
             classifier.set_calibration(Calibration.from_metadata(metadata))
         except (KeyError, TypeError, ValueError) as error:
             raise saved.SavedClassifierError(f"{url}: {saved.METADATA_FILE} holds no valid calibration ({error})") from error
+        try:
+            classifier.metrics, classifier.trainable = metadata["metrics"], metadata["trainable"]
+            classifier.exports = OnnxExports.from_dict(metadata["onnx"]) if metadata["onnx"] else None
+        except (KeyError, TypeError, ValueError) as error:
+            raise saved.SavedClassifierError(f"{url}: {saved.METADATA_FILE} does not describe a valid classifier ({error})") from error
         classifier.version = saved.model_version(metadata)
         classifier.source, classifier.saved_metadata = url, metadata
-        classifier.exports = OnnxExports.from_dict(metadata["onnx"]) if metadata.get("onnx") else None
         return classifier.eval()
 
     def carried_graphs(self, skip: set[str]) -> dict[str, bytes]:

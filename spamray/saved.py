@@ -91,8 +91,8 @@ def model_version(metadata: dict) -> str:
     """Names what scores: the weights, and the calibration and operating point when there are
     any (an uncalibrated classifier is named by the sha256 of its weights alone)."""
     weights = metadata["weights"]["sha256"]
-    calibration = {key: metadata.get(key) for key in ("temperature", "operating_point")}
-    if calibration["temperature"] in (None, 1.0) and calibration["operating_point"] is None:
+    calibration = {key: metadata[key] for key in ("temperature", "operating_point")}
+    if calibration["temperature"] == 1.0 and calibration["operating_point"] is None:
         return weights[:16]
     return hashlib.sha256((weights + json.dumps(calibration, sort_keys=True)).encode()).hexdigest()[:16]
 

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
+import pyarrow as pa
 
 from .classifier import probability_column
 from .scores_table import ScoresTable
@@ -184,12 +185,9 @@ def population_stability_index(reference: np.ndarray, current: np.ndarray) -> fl
     return float(np.sum((actual - expected) * np.log(actual / expected)))
 
 
-def read_runs(table: ScoresTable) -> list[RunRecord]:
-    """Every scoring run the table's history records, oldest first."""
-    from deltalake import DeltaTable
-
-    history = DeltaTable(table.url).history()
-    runs = [RunRecord.from_commit(commit) for commit in history]
+def read_runs(delta) -> list[RunRecord]:
+    """Every scoring run the history of `delta` (a deltalake DeltaTable) records, oldest first."""
+    runs = [RunRecord.from_commit(commit) for commit in delta.history()]
     return sorted((run for run in runs if run is not None), key=lambda run: run.version)
 
 
@@ -209,12 +207,11 @@ class HeldRows:
     in_use_labels: np.ndarray | None = None
 
 
-def held_rows(table: ScoresTable, positive: str, runs: set[str]) -> dict[str, HeldRows]:
-    """The rows the table holds of each of `runs`, reading only their files and the columns the
-    report needs."""
-    names = table.read_state().schema.names
-    column, shadow = probability_column(positive), "in_use_label" in names
-    rows = table.read(columns=["run_id", column] + (["label", "in_use_label"] if shadow else []), runs=runs)
+def held_rows(table: ScoresTable, delta, positive: str, runs: set[str]) -> dict[str, HeldRows]:
+    """The rows the table (its log loaded in `delta`) holds of each of `runs`, reading only their
+    files and the columns the report needs."""
+    column, shadow = probability_column(positive), "in_use_label" in pa.schema(delta.schema().to_arrow()).names
+    rows = table.read(columns=["run_id", column] + (["label", "in_use_label"] if shadow else []), runs=runs, delta=delta)
     probabilities = rows[column].to_numpy(zero_copy_only=False).astype(np.float64)
     scored = ~np.isnan(probabilities)
     runs = rows["run_id"].to_numpy(zero_copy_only=False)[scored]
@@ -245,7 +242,10 @@ def report(table_url: str, since: datetime | None = None, last: int | None = Non
     if not table.has_log():
         raise FileNotFoundError(f"{table.url} holds no Delta table (no _delta_log): name a table `spamray score` "
                                 "wrote into")
-    runs = read_runs(table)
+    from deltalake import DeltaTable
+
+    delta = DeltaTable(table.url)  # the log, loaded once for the history, the schema and the files
+    runs = read_runs(delta)
     if not runs:
         raise ValueError(f"{table.url} records no scoring run: score into it first")
     by_id = {run.run_id: run for run in runs}
@@ -258,7 +258,7 @@ def report(table_url: str, since: datetime | None = None, last: int | None = Non
         raise ValueError(f"{table.url}: the classifier of run {reference_run.run_id} names no positive class "
                          f"(labels {reference_run.labels}), so there is no spam share to report")
     chosen = select_runs(runs, since, last)
-    held = held_rows(table, positive, {run.run_id for run in [reference_run, *chosen]})
+    held = held_rows(table, delta, positive, {run.run_id for run in [reference_run, *chosen]})
     reference_report = run_report(reference_run, held, None, None)
     return TableReport(table.url, positive, reference_report,
                        [run_report(run, held, reference_report, reference_run) for run in chosen])

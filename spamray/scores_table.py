@@ -99,17 +99,18 @@ class ScoresTable:
         return [{**file, "path": unquote(file["path"])} for file in files]
 
     def read(self, version: int | None = None, columns: list[str] | None = None,
-             runs: set[str] | None = None) -> pa.Table:
+             runs: set[str] | None = None, delta=None) -> pa.Table:
         """The table's rows at `version` (default: the latest), partition columns included; only
         `columns` where given (the others are not read), only the rows of `runs` (run ids) where
-        given (the other files are not opened). Its files are read several at once.
+        given (the other files are not opened). Its files are read several at once. `delta`: the
+        table's log already loaded (a deltalake DeltaTable), not to load it again.
 
         It reads the files the log names with pyarrow: deltalake's own scanner can abort the
         process at exit after a successful read (delta-rs #2184), and a scheduler must be able
         to trust exit codes. Other engines read the table as any Delta table."""
         from deltalake import DeltaTable
 
-        table = DeltaTable(self.url, version=version)
+        table = delta if delta is not None else DeltaTable(self.url, version=version)
         schema = pa.schema(table.schema().to_arrow())
         if columns is not None:
             unknown = sorted(set(columns) - set(schema.names))

@@ -50,6 +50,12 @@ class PrepareConfig:
                                  "instead of failing")
     overwrite: bool = option(False, "replace an existing output folder")
 
+    def __post_init__(self):
+        if not (0 < self.train_fraction and 0 <= self.validation_fraction
+                and self.train_fraction + self.validation_fraction < 1):
+            raise ValueError("need 0 < train_fraction, 0 <= validation_fraction and their sum below 1 (the rest is "
+                             "test)")
+
 
 @dataclass
 class TrainConfig:
@@ -105,6 +111,11 @@ class TrainConfig:
     data_timeout_s: float = option(600.0, "a worker waiting longer than this for its next batch fails, and is "
                                    "retried from the last checkpoint: a stalled data pipeline never hangs a run")
     overwrite: bool = option(False, "replace an existing output folder")
+
+    def __post_init__(self):
+        if self.grad_accumulation < 1:
+            raise ValueError(f"--grad-accumulation {self.grad_accumulation}: give the number of batches per "
+                             "optimizer step, 1 or more")
 
 
 @dataclass
@@ -277,3 +288,27 @@ class ServeConfig:
                                     "options here, and deploy nothing")
     detach: bool = option(False, "on a cluster (RAY_ADDRESS): return once the application runs, leaving it "
                           "deployed (`serve shutdown` stops it); default: serve until interrupted, then delete it")
+
+    def __post_init__(self):
+        if self.autoscale:
+            autoscale_bounds(self.autoscale)
+            if self.replicas != 1:
+                raise ValueError("--replicas and --autoscale both say how many replicas: give one of them")
+        for name in ("replicas", "cpus_per_replica", "max_texts", "max_body_bytes", "max_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if self.max_batch_size < self.max_texts:
+            raise ValueError(f"--max-batch-size {self.max_batch_size} is less than --max-texts {self.max_texts}: a "
+                             "full request would never fit in a batch")
+        if self.batch_wait_ms < 0:
+            raise ValueError(f"--batch-wait-ms must be 0 or more, not {self.batch_wait_ms}")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"--port {self.port} is not a TCP port")
+
+
+def autoscale_bounds(text: str) -> tuple[int, int]:
+    """--autoscale MIN:MAX as two numbers."""
+    low, sep, high = text.partition(":")
+    if not (sep and low.strip().isdigit() and high.strip().isdigit()) or not 0 <= int(low) <= int(high) or int(high) < 1:
+        raise ValueError(f"--autoscale {text!r}: give MIN:MAX replicas, 0 <= MIN <= MAX and MAX >= 1 (say 1:4)")
+    return int(low), int(high)

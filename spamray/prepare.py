@@ -181,8 +181,6 @@ def split(frame: pd.DataFrame, train_fraction: float, validation_fraction: float
 
 def prepare(cfg: PrepareConfig) -> dict:
     """Reads, checks, balances and splits `cfg.input`; writes the splits; returns the counts."""
-    if not (0 < cfg.train_fraction and 0 <= cfg.validation_fraction and cfg.train_fraction + cfg.validation_fraction < 1):
-        raise ValueError("need 0 < train_fraction, 0 <= validation_fraction and their sum below 1 (the rest is test)")
     frame = read_labelled(cfg.input, cfg.text_column, cfg.label_column, cfg.quoted_tsv)
     values, names = label_order(frame["label"], cfg.labels)
     problems = bad_rows(frame, values)

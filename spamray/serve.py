@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from . import saved
-from .config import ServeConfig
+from .config import ServeConfig, autoscale_bounds
 from .onnx_graphs import export_problems
 from .precision import resolve_precision
 from .ray_runtime import start_ray
@@ -213,28 +213,6 @@ def deployment_options(cfg: ServeConfig, gpus: int = 0) -> dict:
     return options
 
 
-def autoscale_bounds(text: str) -> tuple[int, int]:
-    low, sep, high = text.partition(":")
-    if not (sep and low.strip().isdigit() and high.strip().isdigit()) or not 0 <= int(low) <= int(high) or int(high) < 1:
-        raise ValueError(f"--autoscale {text!r}: give MIN:MAX replicas, 0 <= MIN <= MAX and MAX >= 1 (say 1:4)")
-    return int(low), int(high)
-
-
-def check_settings(cfg: ServeConfig) -> None:
-    """Every setting checked before anything is deployed."""
-    if cfg.autoscale:
-        autoscale_bounds(cfg.autoscale)
-        if cfg.replicas != 1:
-            raise ValueError("--replicas and --autoscale both say how many replicas: give one of them")
-    for name in ("replicas", "cpus_per_replica", "max_texts", "max_body_bytes", "max_batch_size"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
-    ModelSettings.from_user_config(dataclasses.asdict(ModelSettings(cfg.model, cfg.max_batch_size, cfg.batch_wait_ms)),
-                                   cfg.max_texts)
-    if not 1 <= cfg.port <= 65535:
-        raise ValueError(f"--port {cfg.port} is not a TCP port")
-
-
 def read_token(token_file: str | None) -> str | None:
     """The bearer token: --token-file's, else SPAMRAY_SERVE_TOKEN's, else none (no auth)."""
     if token_file is None:
@@ -281,7 +259,6 @@ def is_loopback(host: str) -> bool:
 def serve_classifier(cfg: ServeConfig) -> None:
     """`spamray serve`: checks everything, then writes the config file (--config-out) or deploys
     and serves until interrupted (or, with --detach on a cluster, leaves it running)."""
-    check_settings(cfg)
     token_sha256 = token_digest(read_token(cfg.token_file))
     metadata = saved.read_metadata(cfg.model)  # a model that cannot load fails before anything is deployed
     if cfg.precision != "auto":  # (auto is each replica's own hardware; an explicit bf16 must have a threshold)

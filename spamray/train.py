@@ -233,9 +233,6 @@ def train(cfg: TrainConfig) -> dict:
     labels = read_prepared_labels(cfg.data)
     if storage.exists(cfg.output) and not cfg.overwrite:
         raise FileExistsError(f"{cfg.output} already exists; choose another --output or pass --overwrite")
-    if cfg.grad_accumulation < 1:
-        raise ValueError(f"--grad-accumulation {cfg.grad_accumulation}: give the number of batches per optimizer "
-                         "step, 1 or more")
     probe = build_classifier(cfg, labels)  # fails here, before any Ray work, on bad weights or options
     check_calibration_data(cfg.data, labels, cfg.target_fpr, cfg.prior)
     logger.info(f"model: {cfg.weights} ({probe.cfg.emb_dim}-wide, {probe.cfg.n_layers} blocks), trainable {cfg.trainable}: "

@@ -110,7 +110,9 @@ def test_the_token_is_checked_by_its_digest():
 @pytest.mark.parametrize("options, message", [
     (["--autoscale", "4:1"], "--autoscale '4:1': give MIN:MAX"),
     (["--autoscale", "1:3", "--replicas", "2"], "--replicas and --autoscale both"),
-    (["--max-texts", "512"], "max_batch_size 256 is less than max_texts 512"),
+    (["--max-texts", "512"], "--max-batch-size 256 is less than --max-texts 512"),
+    (["--port", "70000"], "--port 70000 is not a TCP port"),
+    (["--batch-wait-ms", "-1"], "--batch-wait-ms must be 0 or more"),
     (["--detach"], "--detach leaves the application on a cluster: set RAY_ADDRESS"),
     (["--token-file", "/dev/null"], "--token-file /dev/null is empty"),
     (["--ingress", "haproxy", "--config-out", "/tmp/spamray-never-written.yaml"],

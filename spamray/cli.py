@@ -147,13 +147,12 @@ def run_vacuum(cfg: VacuumConfig) -> None:
 
 
 def run_report(cfg: ReportConfig) -> int:
-    from .report import AlertLimits, format_report, parse_since, report
+    from .report import AlertLimits, parse_since, report
+    from .report_output import format_report, write_report
 
     result = report(cfg.table, parse_since(cfg.since) if cfg.since else None, cfg.last, cfg.reference)
     print(format_report(result))
     if cfg.out:
-        from .report_output import write_report
-
         for url in write_report(result, cfg.out, cfg.html):
             print(f"wrote {url}")
     alerts = result.alerts(AlertLimits(cfg.max_psi, cfg.max_failed_files, cfg.max_share_change))

@@ -279,34 +279,6 @@ def run_report(run: RunRecord, held: dict[str, HeldRows], reference: RunReport |
     return RunReport(run, len(probabilities), shares.tolist(), psi, share_change, comparison)
 
 
-# -- showing it -----------------------------------------------------------------------------------
-def format_report(result: TableReport) -> str:
-    """A compact table, a run a line."""
-    header = (f"{'run':<26} {'committed (UTC)':<16} {'rows':>9} {'files':>5} {'failed':>6} {'skipped':>7} "
-              f"{result.positive + ' share':>12} {'change':>8} {'PSI':>6} {'rows/s':>8}  model / precision / threshold")
-    lines = [f"{result.table}: {len(result.runs)} run(s); drift against {result.reference.record.run_id}", header]
-    for run in result.runs:
-        record = run.record
-        share = "-" if record.positive_share is None else f"{record.positive_share:.2%}"
-        change = "-" if run.share_change is None else f"{run.share_change:+.2%}"
-        psi = "-" if run.psi is None else f"{run.psi:.3f}"
-        threshold = "-" if record.threshold is None else f"{record.threshold:.4f}"
-        lines.append(f"{record.run_id:<26} {record.committed:%Y-%m-%d %H:%M} {record.rows:>9,} {record.files_scored:>5} "
-                     f"{len(record.files_failed):>6} {record.files_skipped:>7} {share:>12} {change:>8} {psi:>6} "
-                     f"{record.rows_per_second:>8,.0f}  {record.model_version} / {record.precision} / {threshold}")
-        if run.comparison is not None:
-            lines.append(f"{'':<26} shadow of {record.in_use_version}: {describe_comparison(run.comparison, result.positive)}")
-    return "\n".join(lines)
-
-
-def describe_comparison(comparison: Comparison, positive: str) -> str:
-    if not comparison.rows:
-        return "no rows held to compare"
-    return (f"agrees on {comparison.agreement:.2%} of {comparison.rows:,} rows; flips to {positive} "
-            f"{comparison.to_positive:,}, away from {positive} {comparison.to_negative:,}; the model in use's "
-            f"{positive} share {comparison.in_use_share:.2%}")
-
-
 def parse_since(text: str) -> datetime:
     """An ISO date or date and time (UTC unless it names its zone)."""
     try:

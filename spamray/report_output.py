@@ -1,6 +1,6 @@
-"""The nightly report's files in `--out DIR` (a folder or URL): report.json, the two plots, and
-with --html one static page that holds them all (its images inline, so it can be mailed or
-served as one file)."""
+"""The nightly report shown: a compact table on the terminal, and its files in `--out DIR` (a
+folder or URL): report.json, the two plots, and with --html one static page that holds them all
+(its images inline, so it can be mailed or served as one file)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,47 @@ import json
 
 from . import storage
 from .plots import plot_histograms, plot_nights
-from .report import TableReport
+from .report import Comparison, RunReport, TableReport
 
 REPORT_JSON, NIGHTS_PNG, SCORES_PNG, REPORT_HTML = "report.json", "nights.png", "scores.png", "report.html"
+
+
+def run_cells(run: RunReport) -> dict[str, str]:
+    """A run's figures as the table and the page show them ("-": not known)."""
+    record = run.record
+
+    def shown(value, form: str) -> str:
+        return "-" if value is None else format(value, form)
+
+    return {"run": record.run_id, "committed (UTC)": f"{record.committed:%Y-%m-%d %H:%M}", "rows": f"{record.rows:,}",
+            "files": str(record.files_scored), "failed": str(len(record.files_failed)),
+            "skipped": str(record.files_skipped), "share": shown(record.positive_share, ".2%"),
+            "change": shown(run.share_change, "+.2%"), "PSI": shown(run.psi, ".3f"),
+            "rows/s": f"{record.rows_per_second:,.0f}", "model": record.model_version, "precision": record.precision,
+            "threshold": shown(record.threshold, ".4f")}
+
+
+def format_report(result: TableReport) -> str:
+    """A compact table, a run a line."""
+    header = (f"{'run':<26} {'committed (UTC)':<16} {'rows':>9} {'files':>5} {'failed':>6} {'skipped':>7} "
+              f"{result.positive + ' share':>12} {'change':>8} {'PSI':>6} {'rows/s':>8}  model / precision / threshold")
+    lines = [f"{result.table}: {len(result.runs)} run(s); drift against {result.reference.record.run_id}", header]
+    for run in result.runs:
+        record, c = run.record, run_cells(run)
+        lines.append(f"{c['run']:<26} {c['committed (UTC)']} {c['rows']:>9} {c['files']:>5} {c['failed']:>6} "
+                     f"{c['skipped']:>7} {c['share']:>12} {c['change']:>8} {c['PSI']:>6} {c['rows/s']:>8}  "
+                     f"{c['model']} / {c['precision']} / {c['threshold']}")
+        if run.comparison is not None:
+            lines.append(f"{'':<26} shadow of {record.in_use_version}: {describe_comparison(run.comparison, result.positive)}")
+    return "\n".join(lines)
+
+
+def describe_comparison(comparison: Comparison, positive: str) -> str:
+    if not comparison.rows:
+        return "no rows held to compare"
+    return (f"agrees on {comparison.agreement:.2%} of {comparison.rows:,} rows; flips to {positive} "
+            f"{comparison.to_positive:,}, away from {positive} {comparison.to_negative:,}; the model in use's "
+            f"{positive} share {comparison.in_use_share:.2%}")
 
 
 def plots(result: TableReport) -> dict[str, bytes]:
@@ -45,8 +83,7 @@ def html_page(result: TableReport, files: dict[str, bytes]) -> str:
     def image(name: str) -> str:
         return f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(files[name]).decode()}">'
 
-    columns = ["run", "committed (UTC)", "rows", "files", "failed", "skipped", f"{result.positive} share", "change",
-               "PSI", "rows/s", "model", "precision", "threshold"]
+    columns = [name if name != "share" else f"{result.positive} share" for name in run_cells(result.reference)]
     shadow = any(run.comparison is not None for run in result.runs)
     if shadow:
         columns += ["in use", "agreement", f"flips to {result.positive}", f"flips from {result.positive}",
@@ -54,12 +91,7 @@ def html_page(result: TableReport, files: dict[str, bytes]) -> str:
     rows = []
     for run in result.runs:
         record = run.record
-        cells = [record.run_id, f"{record.committed:%Y-%m-%d %H:%M}", f"{record.rows:,}", record.files_scored,
-                 len(record.files_failed), record.files_skipped,
-                 "-" if record.positive_share is None else f"{record.positive_share:.2%}",
-                 "-" if run.share_change is None else f"{run.share_change:+.2%}",
-                 "-" if run.psi is None else f"{run.psi:.3f}", f"{record.rows_per_second:,.0f}", record.model_version,
-                 record.precision, "-" if record.threshold is None else f"{record.threshold:.4f}"]
+        cells = list(run_cells(run).values())
         if shadow:
             compared = run.comparison
             cells += [record.in_use_version or "-"] + (["-"] * 4 if compared is None or not compared.rows else [

@@ -65,9 +65,9 @@ class ScoresTable:
         table = DeltaTable(self.url)
         columns = {f["name"]: json.dumps(f["type"]) for f in json.loads(table.schema().to_json())["fields"]}
         if table.metadata().partition_columns != list(PARTITIONS) or any(name not in columns for name in IDENTITY):
-            raise ValueError(f"{self.url} is a Delta table but not a spamray scores table of this release (partitioned "
-                             f"by {', '.join(PARTITIONS)}; earlier releases partitioned by the source columns); "
-                             "choose another --output")
+            raise ValueError(f"{self.url} is a Delta table but not a spamray scores table (partitioned by "
+                             f"{', '.join(PARTITIONS)}, with the columns {', '.join(IDENTITY)}); choose another "
+                             "--output")
         state = TableState(version=table.version(), columns=columns, schema=pa.schema(table.schema().to_arrow()),
                            delta=table)
         for file in self._live_files(table):

@@ -241,10 +241,10 @@ def test_a_file_gone_before_the_commit_fails_the_run_and_nothing_is_committed(
     assert ScoresTable(out).read_state().inputs == {} and ScoresTable(out).read().num_rows == 0
 
 
-def test_a_table_of_the_earlier_layout_is_refused_with_what_to_do(tmp_path):
-    earlier = pa.schema([("source_row", pa.int64()), ("source_file", pa.string()), ("run_id", pa.string())])
-    DeltaTable.create(str(tmp_path / "scores"), earlier, partition_by=["source_file", "run_id"])
-    with pytest.raises(ValueError, match="not a spamray scores table of this release.*choose another --output"):
+def test_a_delta_table_of_another_layout_is_refused_with_what_to_do(tmp_path):
+    other = pa.schema([("source_row", pa.int64()), ("source_file", pa.string()), ("run_id", pa.string())])
+    DeltaTable.create(str(tmp_path / "scores"), other, partition_by=["source_file", "run_id"])
+    with pytest.raises(ValueError, match="not a spamray scores table .*partitioned by input_key.*choose another --output"):
         ScoresTable(str(tmp_path / "scores")).read_state()
 
 

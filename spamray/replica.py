@@ -100,7 +100,7 @@ class Scorer:
                in_use_probs: np.ndarray | None = None) -> pa.Table:
         """The batch with its predictions: label, label_id and a probability per label, null
         where a row was not scored; in a shadow run also the model in use's label and positive
-        class probability (IN_USE_COLUMNS)."""
+        class probability."""
         mask = np.ones(batch.num_rows, dtype=bool)
         mask[scoreable] = False
         out = batch.drop_columns(["token_ids"])
